@@ -1,0 +1,1 @@
+"""Flax linen ports of the Stable Diffusion components (NHWC inside)."""

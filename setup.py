@@ -1,0 +1,40 @@
+"""jaxlcd: reward-guided latent consistency distillation (RG-LCD) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxlcd",
+    version="0.1.0",
+    description="JAX/Flax, TPU-first trainer for reward-guided latent consistency distillation",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["jaxlcd", "jaxlcd.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "chex>=0.1.90,<0.2",
+        "ml-collections>=1.0,<2",
+        "absl-py>=2.1,<3",
+        "safetensors>=0.5,<0.9",
+        "numpy>=1.26,<3",
+        "pillow>=10,<13",
+        "tqdm>=4.66,<5",
+        "transformers>=5,<6",   # CLIPTokenizer (the text encoder itself is our Flax port)
+    ],
+    extras_require={
+        # PyTorch reference stack for parity tests; install torch first as the CPU build
+        # (`pip install torch==2.13.0`), see README. open-clip-torch is installed with --no-deps
+        # by .ci/run because its torchvision requirement pulls a CUDA torch.
+        "test": [
+            "torch>=2.5,<2.15",
+            "diffusers>=0.40,<0.43",
+            "pytest>=8,<10",
+            "ftfy>=6,<7",
+            "regex",
+        ],
+        "tpu": ["jax[tpu]>=0.10,<0.13"],
+        "gpu": ["jax[cuda12]>=0.10,<0.13"],
+    },
+)

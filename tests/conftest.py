@@ -1,0 +1,33 @@
+"""Shared test helpers: tiny random PyTorch reference models and error measures."""
+import numpy as np
+import pytest
+import torch
+
+
+def rel_err(a, b) -> float:
+    """Relative L2 error ||a - b|| / ||b|| in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def perturb_(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every parameter (norm scales and biases included) so a mis-mapped tensor shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def nchw_to_nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def nhwc_to_nchw(a) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, np.float32).transpose(0, 3, 1, 2).copy())
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
