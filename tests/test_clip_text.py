@@ -21,7 +21,7 @@ from jaxlcd.models.config import ConfigError
 from jaxlcd.weights import WeightsError, load_component, save_component, tables
 
 FP32_RTOL = 1e-5   # float32 compute vs transformers float32
-BF16_RTOL = 3e-2   # bfloat16 compute (fp32 params, fp32 norms/softmax) vs transformers float32
+BF16_RTOL = 2e-2   # bfloat16 compute (fp32 params, fp32 norms/softmax) vs transformers float32; measured ~7.5e-3
 VOCAB, BOS, EOS = 1000, 998, 999
 
 
@@ -216,6 +216,8 @@ def test_config_validation_and_round_trip():
     cfg = clip_text.CLIPTextConfig.from_dict(src)
     out = cfg.to_dict()
     assert out["torch_dtype"] == "float32" and out["hidden_act"] == "gelu" and out["vocab_size"] == 49408
+    fresh = clip_text.CLIPTextConfig(hidden_size=64).to_dict()
+    assert fresh["architectures"] == ["CLIPTextModel"] and fresh["model_type"] == "clip_text_model"
     with pytest.raises(ConfigError, match="hidden_act"):
         clip_text.CLIPTextConfig.from_dict(dict(src, hidden_act="relu"))
     with pytest.raises(ConfigError, match="num_attention_heads"):

@@ -13,7 +13,6 @@ from safetensors.numpy import load_file, save_file
 
 from jaxlcd.models import vae as vae_lib
 from jaxlcd.models.config import ConfigError
-from jaxlcd.weights import components
 from jaxlcd.weights.components import load_component, save_component
 
 FP32_RTOL = 1e-5   # relative L2 error vs torch fp32, Flax fp32 compute
@@ -21,17 +20,6 @@ FP32_RTOL = 1e-5   # relative L2 error vs torch fp32, Flax fp32 compute
 # 8-bit mantissa): measured 1.1e-2 (encode) and 1.8e-2 (decode, 7 resnets deep) on this tiny random model.
 BF16_RTOL = 3e-2
 STEM = "diffusion_pytorch_model.safetensors"
-
-
-@pytest.fixture(autouse=True)
-def _only_built_specs(monkeypatch):
-    """Until every model family named by components._specs exists, resolve specs from those that do."""
-    try:
-        components._specs()
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("jaxlcd.models."):
-            raise
-        monkeypatch.setattr(components, "_specs", lambda: [vae_lib.SPEC])
 
 
 def rel_err(a, b):

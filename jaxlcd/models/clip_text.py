@@ -52,6 +52,13 @@ class CLIPTextConfig(ModelConfig):
     bos_token_id: int = 49406
     eos_token_id: int = 49407
 
+    def to_dict(self) -> dict:
+        """The config.json dict; names the class so transformers and `load_component` recognise it."""
+        d = super().to_dict()
+        d.setdefault("architectures", ["CLIPTextModel"])
+        d.setdefault("model_type", "clip_text_model")
+        return d
+
     def validate(self, d: dict) -> None:
         require({"hidden_act": self.hidden_act}, "hidden_act", SUPPORTED_ACTS, what="CLIPTextModel config")
         if self.hidden_size % self.num_attention_heads:

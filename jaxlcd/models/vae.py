@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxlcd.models.config import ConfigError, ModelConfig, require
+from jaxlcd.models.config import ConfigError, ModelConfig
 from jaxlcd.models.layers import (Downsample2D, ResnetBlock2D, Upsample2D, activation, attention, conv,
                                   group_norm, maybe_remat)
 from jaxlcd.weights.components import ComponentSpec
@@ -66,7 +66,6 @@ class VAEConfig(ModelConfig):
             if len(getattr(self, key)) != n:
                 raise ConfigError(f"vae config: {key} has {len(getattr(self, key))} entries but "
                                   f"block_out_channels has {n}")
-        require(d, "norm_type", ["group"], default="group", what="vae config")
         try:
             activation(self.act_fn)
         except ValueError as e:

@@ -30,14 +30,9 @@ class ComponentSpec:
 
 
 def _specs() -> list[ComponentSpec]:
-    import importlib
-    out = []
-    for name in ("unet", "vae", "clip_text"):
-        try:  # TEMPORARY-WHILE-HELPERS-WRITE
-            out.append(importlib.import_module(f"jaxlcd.models.{name}").SPEC)
-        except (ImportError, AttributeError):
-            pass
-    return out
+    from jaxlcd.models import clip_text, unet, vae
+
+    return [unet.SPEC, vae.SPEC, clip_text.SPEC]
 
 
 def spec_for_config(config: dict, where: str = "config.json") -> ComponentSpec:
