@@ -33,18 +33,19 @@ def _tokenizer_dir(path: str) -> str:
     """``path`` itself, or ``path/tokenizer`` when given a pipeline folder."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
-    if not os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isdir(os.path.join(path, "tokenizer")):
+    has = lambda p, *names: all(os.path.isfile(os.path.join(p, n)) for n in names)
+    if not has(path, "vocab.json") and not has(path, "tokenizer.json") and os.path.isdir(os.path.join(path, "tokenizer")):
         path = os.path.join(path, "tokenizer")
-    missing = [n for n in ("vocab.json", "merges.txt") if not os.path.isfile(os.path.join(path, n))]
-    if missing:
+    if not (has(path, "vocab.json", "merges.txt") or has(path, "tokenizer.json")):
         raise FileNotFoundError(
-            f"{path!r} is not a CLIP tokenizer folder: missing {' and '.join(missing)}. Use the pipeline's "
-            "tokenizer/ folder, or write one with jaxlcd.tokenizer.build_clip_tokenizer_files(out_dir)")
+            f"{path!r} is not a CLIP tokenizer folder: it needs vocab.json + merges.txt or tokenizer.json. Use "
+            "the pipeline's tokenizer/ folder, or write one with jaxlcd.tokenizer.build_clip_tokenizer_files(out_dir)")
     return path
 
 
 def load_tokenizer(path: str):
-    """A transformers ``CLIPTokenizer`` from a local folder holding vocab.json + merges.txt.
+    """A transformers ``CLIPTokenizer`` from a local folder (vocab.json + merges.txt, or tokenizer.json
+    as transformers 5 saves it).
 
     ``path`` may also be a diffusers pipeline folder with a ``tokenizer/`` subfolder. Never
     contacts a model hub.

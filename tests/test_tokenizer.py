@@ -80,7 +80,7 @@ def test_pipeline_folder_and_errors(built, tmp_path):
     tok.build_clip_tokenizer_files(str(pipe / "tokenizer"))
     assert tok.load_tokenizer(str(pipe)).pad_token_id == 49407
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="vocab.json and merges.txt"):
+    with pytest.raises(FileNotFoundError, match=r"vocab.json \+ merges.txt or tokenizer.json"):
         tok.load_tokenizer(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         tok.load_tokenizer(str(tmp_path / "missing"))
