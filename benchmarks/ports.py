@@ -90,7 +90,7 @@ def unet_rows(tmp):
 
     compiled_model = torch_compiled(model)
     rows = [bench_pair("UNet mid fwd (2x32x32)", fwd, (params, jx, jt, jctx), torch_fwd(model),
-                       torch_fwd(compiled_model) if compiled_model else None),
+                       torch_fwd(compiled_model) if compiled_model is not None else None),
             bench_pair("UNet mid fwd+bwd (2x32x32)", fwd_bwd, (params, jx, jt, jctx), torch_fwd_bwd, repeats=3)]
     n_params = sum(p.numel() for p in model.parameters())
     rows[0]["work"] += f" {n_params / 1e6:.0f}M"
