@@ -19,7 +19,7 @@ setup(
         "absl-py>=2.1,<3",
         "safetensors>=0.5,<0.9",
         "numpy>=1.26,<3",
-        "pillow>=10,<13",
+        "pillow>=10,<14",
         "tqdm>=4.66,<5",
         "transformers>=5,<6",   # CLIPTokenizer (the text encoder itself is our Flax port)
     ],

@@ -127,3 +127,27 @@ def test_lcd_loss_matches_pytorch_computation(unets, kind):
     assert rel_err(out.pred, nchw_to_nhwc(pred)) <= LATENT_TOL
     assert rel_err(out.target, nchw_to_nhwc(tgt)) <= LATENT_TOL
     assert float(out.loss) == pytest.approx(float(loss), rel=LOSS_TOL)
+
+
+@pytest.fixture(scope="module")
+def teacher_pipe_dir(tmp_path_factory):
+    from tiny_pipeline import make_pipeline_dir
+
+    return make_pipeline_dir(str(tmp_path_factory.mktemp("teacher") / "sd"), prediction_type="v_prediction")
+
+
+def test_ddim50_cfg_matches_stable_diffusion_pipeline(teacher_pipe_dir):
+    from jaxlcd import pipeline as jp
+
+    prompts, negative = ["a red circle", "two blue squares"], "a green triangle"
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(teacher_pipe_dir, safety_checker=None)
+    assert isinstance(sd.scheduler, diffusers.DDIMScheduler)
+    sd.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = sd(prompts, negative_prompt=[negative] * 2, num_inference_steps=50, guidance_scale=7.5,
+                 latents=latents, output_type="np").images
+    _, images = jp.sample_ddim(jp.load_pipeline(teacher_pipe_dir), prompts, num_steps=50, guidance=7.5,
+                               negative_prompt=negative, latents=nchw_to_nhwc(latents))
+    assert images.shape == ref.shape
+    assert float(np.mean(np.abs(np.asarray(images) - ref))) <= 1e-3

@@ -27,7 +27,9 @@ def _bcast(v):
 def guidance_embedding(w, dim: int = 256):
     """w [B] -> [B, dim] float32: concat(sin(1000 w f), cos(1000 w f)), f_i = exp(-i ln(1e4) / (dim/2 - 1))."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    # same float32 operation order as diffusers' get_guidance_scale_embedding: sin(1000 w f) for w ~ 15 is
+    # sensitive to the last bit of f.
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
     args = (jnp.asarray(w, jnp.float32) * 1000.0)[:, None] * freqs[None, :]
     emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
     return jnp.pad(emb, ((0, 0), (0, 1))) if dim % 2 else emb

@@ -35,6 +35,8 @@ def betas(config: dict) -> np.ndarray:
     n = int(config.get("num_train_timesteps", 1000))
     start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
     schedule = config.get("beta_schedule", "linear")
+    if config.get("rescale_betas_zero_snr"):
+        raise ScheduleError("scheduler config: rescale_betas_zero_snr=True is not supported by jaxlcd's samplers")
     if config.get("trained_betas") is not None:
         return np.asarray(config["trained_betas"], np.float64)
     if schedule == "scaled_linear":
