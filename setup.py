@@ -8,6 +8,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["jaxlcd", "jaxlcd.*"]),
+    package_data={"jaxlcd": ["assets/*"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10,<0.13",

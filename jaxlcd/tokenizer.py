@@ -15,7 +15,6 @@ behaviour because it is what diffusers' SD 2.x pipelines feed their text encoder
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 from typing import Sequence
@@ -81,21 +80,18 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def open_clip_bpe_path() -> str:
-    """Path of ``bpe_simple_vocab_16e6.txt.gz`` inside the installed open-clip-torch (not imported)."""
-    spec = importlib.util.find_spec("open_clip")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        path = os.path.join(loc, _BPE_FILE)
-        if os.path.isfile(path):
-            return path
-    raise RuntimeError("building CLIP tokenizer files needs the BPE vocabulary from the open-clip-torch "
-                       f"package ({_BPE_FILE}), which is not installed: pip install open-clip-torch")
+def clip_bpe_path() -> str:
+    """Path of the CLIP BPE vocabulary ``bpe_simple_vocab_16e6.txt.gz`` shipped in ``jaxlcd/assets``.
+
+    It is the file open-clip-torch ships (OpenAI CLIP's vocabulary, MIT licence); a test checks the ids
+    against open_clip's own tokenizer.
+    """
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", _BPE_FILE)
 
 
 def clip_vocab_and_merges(bpe_path: str | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab token -> id, ordered merges) exactly as open_clip's SimpleTokenizer builds them."""
-    with gzip.open(bpe_path or open_clip_bpe_path()) as f:
+    with gzip.open(bpe_path or clip_bpe_path()) as f:
         lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:_NUM_MERGES + 1]]
     if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):

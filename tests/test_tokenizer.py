@@ -90,7 +90,7 @@ def test_pipeline_folder_and_errors(built, tmp_path):
         tok.tokenize(tok.load_tokenizer(eos_dir), "a single string")
 
 
-def test_missing_open_clip_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(tok.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(RuntimeError, match="open-clip-torch"):
-        tok.build_clip_tokenizer_files("/nonexistent/never-written")
+def test_shipped_bpe_vocabulary_is_open_clips():
+    loc = importlib.util.find_spec("open_clip").submodule_search_locations[0]
+    with open(os.path.join(loc, "bpe_simple_vocab_16e6.txt.gz"), "rb") as a, open(tok.clip_bpe_path(), "rb") as b:
+        assert a.read() == b.read()
