@@ -107,3 +107,57 @@ def export_student_pipeline(out_dir: str, teacher_dir: str, unet_module, student
         json.dump(model_index, f, indent=2, sort_keys=True)
     check_pipeline_dir(out_dir)
     return out_dir
+
+
+def export_checkpoint(workdir: str, out_dir: str, step=None, which: str = "student", dtype=np.float32) -> str:
+    """Export checkpoint ``step`` (default: the newest) of a training workdir as a diffusers LCM folder.
+
+    which: "student" (the trained params) or "target" (their EMA).
+    """
+    import ml_collections
+
+    from jaxlcd.train import checkpoint
+    from jaxlcd.train.state import create_state, make_optimizer
+
+    if which not in ("student", "target"):
+        raise ValueError(f"which must be 'student' or 'target', got {which!r}")
+    cfg = ml_collections.ConfigDict(checkpoint.load_config_dict(workdir))
+    ckpt = checkpoint.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise PipelineError(f"{workdir!r} holds no checkpoint yet")
+    teacher, teacher_params = load_component(os.path.join(cfg.teacher, "unet"))
+    student, student_params = add_cond_proj(teacher, teacher_params, cfg.lcd.w_embedding_dim)
+    abstract = jax.eval_shape(lambda: create_state(student_params, make_optimizer(cfg.optim), cfg.seed))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state, _ = ckpt.restore(step, jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract))
+    ckpt.close()
+    params = state.params if which == "student" else state.target_params
+    return export_student_pipeline(out_dir, cfg.teacher, student, jax.device_get(params), dtype)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m jaxlcd.export",
+                                 description="Export a jaxlcd training checkpoint as a diffusers LCM pipeline folder.")
+    ap.add_argument("--workdir", required=True, help="the training workdir (holds config.json and checkpoints/)")
+    ap.add_argument("--out", required=True, help="new output folder")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    ap.add_argument("--which", choices=("student", "target"), default="student",
+                    help="the trained student or its EMA target")
+    ap.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    args = ap.parse_args(argv)
+    try:
+        out = export_checkpoint(args.workdir, args.out, args.step, args.which, np.dtype(args.dtype))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"jaxlcd.export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -157,12 +157,16 @@ def sample_lcm(pipe: Pipeline, prompts: Sequence[str], num_steps: int = 4, guida
     timesteps = tuple(int(t) for t in timesteps)
     if noises is None and len(timesteps) > 1:
         noises = jax.random.normal(k_noise, (len(timesteps) - 1,) + z.shape, jnp.float32)
-    return _lcm_run(pipe.unet_params, pipe.vae_params, z, encode_prompts(pipe, prompts), jnp.float32(guidance),
+    return lcm_generate(pipe.unet_params, pipe.vae_params, z, encode_prompts(pipe, prompts), jnp.float32(guidance),
                     pipe.abar, noises, unet=pipe.unet, vae=pipe.vae, timesteps=timesteps, kind=pipe.prediction_type)
 
 
 @functools.partial(jax.jit, static_argnames=("unet", "vae", "timesteps", "kind"))
-def _lcm_run(unet_params, vae_params, z, ctx, guidance, abar, noises, *, unet, vae, timesteps, kind):
+def lcm_generate(unet_params, vae_params, z, ctx, guidance, abar, noises, *, unet, vae, timesteps, kind):
+    """Jitted LCM sampling + decode from text embeddings: z [B,h,w,c], ctx [B,L,D], noises [S-1,B,h,w,c] or None.
+
+    Returns (latents [B,h,w,c] float32, images [B,H,W,3] float32 in [0,1]).
+    """
     f = lambda x, t, c, w: unet.apply({"params": unet_params}, x, t, c, timestep_cond=w)
     out = samplers.lcm_sample(f, z, ctx, timesteps, abar, kind, guidance, unet.config.time_cond_proj_dim,
                               noises=noises)

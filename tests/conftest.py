@@ -1,4 +1,7 @@
 """Shared test helpers: tiny random PyTorch reference models and error measures."""
+# 8 simulated CPU devices for the sharding tests; must be set before jax is first imported.
+import os
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import numpy as np
 import pytest
 import torch

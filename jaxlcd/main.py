@@ -1,0 +1,34 @@
+"""Train an LCM student by (reward-guided) latent consistency distillation.
+
+    python -m jaxlcd.main --config=configs/rglcd.py:tiny --workdir=/tmp/run [--config.key=value ...]
+
+Rerunning the same command resumes from the newest checkpoint in the workdir.
+"""
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/rglcd.py", "training config file[:variant]", lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, samples and exports", required=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from jaxlcd.train import loop, setup  # after flag parsing: keeps --help fast
+    from jaxlcd.pipeline import PipelineError
+    from jaxlcd.weights import WeightsError
+
+    try:
+        loop.train(FLAGS.config, FLAGS.workdir)
+    except (setup.ConfigValueError, PipelineError, WeightsError, loop.TrainingError, ValueError) as e:
+        print(f"jaxlcd.main: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,64 @@
+"""Orbax checkpoints of the train state + data-iterator state, with the run config saved beside them."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Async orbax CheckpointManager in ``<workdir>/checkpoints`` keeping the last ``keep`` steps.
+
+    Each checkpoint holds ``state`` (the TrainState pytree, restored directly into the given shardings)
+    and ``data`` (the JSON-serialisable data-iterator state).
+    """
+
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_state: Any) -> None:
+        """Start saving ``state`` at ``step`` (async); the previous checkpoints stay until it completes."""
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        data=ocp.args.JsonSave(data_state)), force=True)
+
+    def restore(self, step: int, abstract_state):
+        """(state placed as ``abstract_state``'s shardings, data-iterator state) of checkpoint ``step``."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs of ``tree`` carrying ``shardings`` (the restore target)."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def save_config(workdir: str, config) -> None:
+    """``<workdir>/config.json``: the run's full config (for export and for humans)."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def load_config_dict(workdir: str) -> dict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir!r} has no config.json; is it a jaxlcd training workdir?")
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,116 @@
+"""Everything the loop needs before the first step: config checks, models, params, data, shardings."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlcd import parallel
+from jaxlcd.diffusion import schedule
+from jaxlcd.export import add_cond_proj
+from jaxlcd.pipeline import check_pipeline_dir, encode_prompts, load_pipeline
+from jaxlcd.train import tiny
+from jaxlcd.train.state import TrainState, create_state, make_optimizer
+from jaxlcd.train.step import StepModels
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigValueError(ValueError):
+    """An invalid training config value (raised at start-up, before any compile)."""
+
+
+def validate_config(cfg, num_devices: int) -> None:
+    """One clear sentence for each invalid value or combination."""
+    lcd = cfg.lcd
+    if lcd.w_min > lcd.w_max:
+        raise ConfigValueError(f"lcd.w_min={lcd.w_min} is larger than lcd.w_max={lcd.w_max}")
+    if lcd.loss not in ("huber", "l2"):
+        raise ConfigValueError(f"lcd.loss={lcd.loss!r} is unknown; use 'huber' or 'l2'")
+    if 1000 % lcd.num_ddim_timesteps:
+        raise ConfigValueError(f"lcd.num_ddim_timesteps={lcd.num_ddim_timesteps} must divide 1000")
+    if not 0.0 <= lcd.ema_decay < 1.0:
+        raise ConfigValueError(f"lcd.ema_decay={lcd.ema_decay} must be in [0, 1)")
+    if cfg.compute_dtype not in DTYPES:
+        raise ConfigValueError(f"compute_dtype={cfg.compute_dtype!r} is unknown; use one of {list(DTYPES)}")
+    if cfg.export_dtype not in ("float32", "float16"):
+        raise ConfigValueError(f"export_dtype={cfg.export_dtype!r} is unknown; use 'float32' or 'float16'")
+    if cfg.resolution % 8:
+        raise ConfigValueError(f"resolution={cfg.resolution} must be a multiple of 8 (the VAE factor)")
+    if cfg.per_device_batch < 1 or cfg.total_steps < 1 or cfg.log_every < 1 or cfg.checkpoint_every < 1:
+        raise ConfigValueError("per_device_batch, total_steps, log_every and checkpoint_every must be positive")
+    if cfg.shard_frozen not in ("replicate", "fsdp"):
+        raise ConfigValueError(f"shard_frozen={cfg.shard_frozen!r} is unknown; use 'replicate' or 'fsdp'")
+    mesh = dict(cfg.mesh)
+    batch_axes = [mesh["data"], mesh["fsdp"]]
+    if -1 not in batch_axes and (cfg.per_device_batch * num_devices) % (batch_axes[0] * batch_axes[1]):
+        raise ConfigValueError(f"the global batch {cfg.per_device_batch * num_devices} is not divisible by the "
+                               f"mesh's batch axes data*fsdp = {batch_axes[0] * batch_axes[1]}")
+    if cfg.variant != "tiny":
+        if not cfg.teacher:
+            raise ConfigValueError("config.teacher is empty: pass --config.teacher=/path/to/diffusers/pipeline")
+        if not cfg.data_dir:
+            raise ConfigValueError("config.data_dir is empty: pass --config.data_dir=/path/to/image_caption_folder")
+    for key in ("teacher", "data_dir"):
+        if cfg[key] and not os.path.isdir(cfg[key]):
+            raise ConfigValueError(f"config.{key}={cfg[key]!r} does not exist")
+    if cfg.teacher:
+        check_pipeline_dir(cfg.teacher)
+
+
+def resolve_inputs(cfg, workdir: str) -> tuple[str, str]:
+    """(teacher folder, raw data folder); the tiny variant builds both inside the workdir once."""
+    teacher, data = cfg.teacher, cfg.data_dir
+    if cfg.variant == "tiny":
+        from jaxlcd.data.tiny_folder import write_tiny_folder
+
+        if not teacher:
+            teacher = os.path.join(workdir, "tiny_teacher")
+            if not os.path.isfile(os.path.join(teacher, "model_index.json")):
+                tiny.write_teacher_folder(teacher, seed=cfg.seed)
+        if not data:
+            data = os.path.join(workdir, "tiny_data")
+            if not os.path.isdir(data):
+                write_tiny_folder(data, n=32, resolution=cfg.resolution, seed=cfg.seed)
+    return os.path.abspath(teacher), os.path.abspath(data)
+
+
+@dataclasses.dataclass
+class Run:
+    """The models, frozen params, initial state and shardings of one training run."""
+    models: StepModels
+    teacher_dir: str
+    pipe: Any                  # jaxlcd.pipeline.Pipeline of the teacher (float32 params, for sampling/export)
+    frozen: dict               # teacher/vae/text params in the compute dtype + uncond_ctx
+    state: TrainState
+    state_shardings: Any
+    frozen_shardings: Any
+    mesh: Any
+    tx: Any
+    abar: jax.Array
+
+
+def build_run(cfg, teacher_dir: str, mesh) -> Run:
+    """Load the teacher, make the student (teacher + cond_proj) and the sharded initial state."""
+    dtype = DTYPES[cfg.compute_dtype]
+    pipe = load_pipeline(teacher_dir)
+    kind = pipe.prediction_type
+    student, student_params = add_cond_proj(pipe.unet, pipe.unet_params, cfg.lcd.w_embedding_dim,
+                                            jax.random.PRNGKey(cfg.seed + 1), cfg.lcd.zero_init_cond_proj)
+    as_dtype = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
+    models = StepModels(student=student.clone(dtype=dtype, remat=cfg.remat),
+                        teacher=pipe.unet.clone(dtype=dtype), vae=pipe.vae.clone(dtype=dtype),
+                        text=pipe.text_encoder.clone(dtype=dtype), prediction_type=kind)
+    frozen = {"teacher": as_dtype(pipe.unet_params), "vae": as_dtype(pipe.vae_params),
+              "text": as_dtype(pipe.text_params), "uncond_ctx": encode_prompts(pipe, [""])}
+    tx = make_optimizer(cfg.optim)
+    init = lambda p: create_state(p, tx, cfg.seed)
+    state, state_shardings = parallel.init_sharded(init, mesh, parallel.FSDP_RULES, student_params)
+    frozen_rules = parallel.FSDP_RULES if cfg.shard_frozen == "fsdp" else parallel.REPLICATE_RULES
+    frozen_shardings = parallel.param_shardings(jax.eval_shape(lambda: frozen), mesh, frozen_rules)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    return Run(models, teacher_dir, pipe, frozen, state, state_shardings, frozen_shardings, mesh, tx, pipe.abar)

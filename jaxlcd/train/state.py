@@ -1,0 +1,42 @@
+"""The training state pytree and its creation from a teacher UNet."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (donated to the compiled step).
+
+    params / target_params: student and EMA-target UNet params (float32 masters); opt_state: optax state
+    of the student; rng: the run's base PRNG key (per-step keys are folded from it and ``step``);
+    lrm_params / lrm_opt_state: the latent proxy reward model and its optimizer (None without an LRM).
+    """
+    step: jax.Array
+    params: Any
+    target_params: Any
+    opt_state: Any
+    rng: jax.Array
+    lrm_params: Optional[Any] = None
+    lrm_opt_state: Optional[Any] = None
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW with a constant learning rate after global-norm clipping (rglcd.md section 2)."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+    )
+
+
+def create_state(student_params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0: the EMA target starts equal to the student (float32 copies)."""
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), student_params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      target_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(seed))

@@ -1,0 +1,63 @@
+"""A tiny random Stable-Diffusion-shaped teacher folder, written with jaxlcd's own code (no PyTorch).
+
+Used by the ``tiny`` training config so the whole job runs anywhere in seconds; diffusers loads the
+folder (tests check it), so the same code paths as a real teacher are exercised.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from jaxlcd.models import clip_text, unet, vae
+from jaxlcd.tokenizer import build_clip_tokenizer_files
+from jaxlcd.weights import save_component
+
+DIFFUSERS_VERSION = "0.42.1"
+TINY_UNET = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, "sample_size": 8,
+    "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64], "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 16}
+TINY_VAE = {
+    "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "block_out_channels": [16, 32],
+    "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 16, "sample_size": 16,
+    "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "scaling_factor": 0.18215}
+TINY_TEXT = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408, "hidden_size": 32,
+    "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407,
+    "pad_token_id": 49407}
+SD_DDIM_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": 1000,
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+    "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading"}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def write_teacher_folder(out_dir: str, seed: int = 0, unet_config: dict = TINY_UNET, vae_config: dict = TINY_VAE,
+                         text_config: dict = TINY_TEXT, scheduler_config: dict = SD_DDIM_SCHEDULER) -> str:
+    """Write a random-weight StableDiffusionPipeline folder (unet, vae, text_encoder, tokenizer, scheduler)."""
+    rng = jax.random.PRNGKey(seed)
+    for i, (name, family, cfg) in enumerate([("unet", unet, unet_config), ("vae", vae, vae_config),
+                                             ("text_encoder", clip_text, text_config)]):
+        module = family.build(cfg)
+        params = jax.jit(module.init)(jax.random.fold_in(rng, i), *family.SPEC.dummy_inputs(module))["params"]
+        save_component(module, params, os.path.join(out_dir, name))
+    build_clip_tokenizer_files(os.path.join(out_dir, "tokenizer"))
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), scheduler_config)
+    _write_json(os.path.join(out_dir, "model_index.json"), {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", scheduler_config["_class_name"]], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False})
+    return out_dir
