@@ -18,7 +18,14 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/grain are chatty at INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("jaxlcd").addHandler(handler)
+    logging.getLogger("jaxlcd").setLevel(logging.INFO)
+    logging.getLogger("jaxlcd").propagate = False
     from jaxlcd.train import loop, setup  # after flag parsing: keeps --help fast
     from jaxlcd.pipeline import PipelineError
     from jaxlcd.weights import WeightsError

@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 from collections import Counter
 
@@ -172,8 +173,8 @@ def version_dir(data_dir: str) -> str:
     if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
         return data_dir
     root = os.path.join(data_dir, BUILDER_NAME)
-    versions = sorted(v for v in (os.listdir(root) if os.path.isdir(root) else [])
-                      if os.path.isfile(os.path.join(root, v, "dataset_info.json")))
+    versions = [v for v in (os.listdir(root) if os.path.isdir(root) else [])  # not "incomplete.*" leftovers
+                if re.fullmatch(r"\d+\.\d+\.\d+", v) and os.path.isfile(os.path.join(root, v, "dataset_info.json"))]
     if not versions:
         raise ValueError(f"no prepared dataset in {data_dir!r}: run "
                          "jaxlcd.data.prepare_folder_dataset(src_dir, out_dir) and pass out_dir")
@@ -221,6 +222,11 @@ def prepare_folder_dataset(src_dir: str, out_dir: str, *, overwrite: bool = Fals
     builder = FolderCaptions(src_dir=src_dir, pairs=pairs, skipped=skipped, data_dir=out_dir,
                              file_format="array_record")
     builder.download_and_prepare()
+    for empty in ("downloads/extracted", "downloads"):  # tfds creates these; a local folder downloads nothing
+        try:
+            os.rmdir(os.path.join(out_dir, empty))
+        except OSError:
+            pass
     stats = dict(builder.info.metadata)
     if any(stats["skipped"].values()):
         log.warning("prepared %d image-caption pairs from %s; skipped %s", stats["count"], src_dir,

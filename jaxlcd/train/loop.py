@@ -106,8 +106,12 @@ def train(cfg, workdir: str) -> dict:
     run = setup.build_run(cfg, teacher_dir, mesh)
 
     global_batch = cfg.per_device_batch * jax.device_count()
+    prepared = os.path.join(workdir, "data")
+    stats = data_lib.prepare_folder_dataset(raw_data, prepared)
+    log.info("dataset: %d usable image-caption pairs; skipped while preparing: %s", stats["count"],
+             {k: v for k, v in stats["skipped"].items() if v} or "none")
     it = data_lib.make_train_iterator(
-        data_lib.prepare_if_needed(raw_data, os.path.join(workdir, "data")), tokenizer=run.pipe.tokenizer,
+        prepared, tokenizer=run.pipe.tokenizer,
         resolution=cfg.resolution, batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,
         random_crop=cfg.random_crop, random_flip=cfg.random_flip)
 
@@ -116,7 +120,7 @@ def train(cfg, workdir: str) -> dict:
     state = run.state
     if start:
         state, data_state = ckpt.restore(start, checkpoint.abstract_like(run.state, run.state_shardings))
-        it.set_state(data_state)
+        it.set_state(data_state)  # a dict (JSON)
         log.info("resumed from the checkpoint at step %d", start)
 
     batch_sharding = parallel.batch_sharding(mesh)
@@ -141,12 +145,12 @@ def train(cfg, workdir: str) -> dict:
                 elapsed, n = time.perf_counter() - t_window, len(pending)
                 last = {k: float(v) for k, v in jax.device_get(pending[-1]).items() if k != "finite"}
                 last.update(lr=cfg.optim.learning_rate, steps_per_s=n / elapsed, images_per_s=n * global_batch / elapsed,
-                            data_skipped=data_lib.skipped_count(it))
+                            data_skipped=sum(v for k, v in it.stats.as_dict().items() if k != "examples"))
                 writer.write(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4g}", img_s=f"{last['images_per_s']:.3g}")
                 pending, t_window = [], time.perf_counter()
             if at_ckpt or step == cfg.total_steps:
-                ckpt.save(step, state, it.get_state())
+                ckpt.save(step, state, json.loads(it.get_state()))
             if cfg.sample_every and step % cfg.sample_every == 0:
                 sample_grids(run, cfg, state.params, os.path.join(workdir, "samples"), f"step{step:07d}")
             if cfg.get("debug_kill_at_step") and step == cfg.debug_kill_at_step:
@@ -154,7 +158,7 @@ def train(cfg, workdir: str) -> dict:
                 os.kill(os.getpid(), signal.SIGKILL)  # testing only: a hard crash mid-run
         if stopper.stop and step < cfg.total_steps:
             _check_finite(pending, step - len(pending))
-            ckpt.save(step, state, it.get_state())
+            ckpt.save(step, state, json.loads(it.get_state()))
             log.warning("SIGTERM: saved the checkpoint at step %d and stopped; rerun the same command to resume", step)
     finally:
         bar.close()

@@ -88,7 +88,8 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
         metrics = {"loss": loss, "loss_cd": loss, "grad_norm": grad_norm, "w_mean": jnp.mean(w),
                    "t_start_mean": jnp.mean(t_start.astype(jnp.float32)),
                    "pred_target_mse": jnp.mean((out.pred - out.target) ** 2),
-                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+                   # the update too: a finite loss can still step the params to Inf
+                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))}
         new_state = state.replace(step=state.step + 1, params=params, target_params=target, opt_state=opt_state)
         return new_state, metrics
 

@@ -9,7 +9,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 
 from jaxlcd.models import clip_text, unet, vae
 from jaxlcd.tokenizer import build_clip_tokenizer_files
@@ -22,9 +21,9 @@ TINY_UNET = {
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
     "cross_attention_dim": 32, "attention_head_dim": 4, "norm_num_groups": 16}
 TINY_VAE = {
-    "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, "block_out_channels": [16, 32],
-    "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 16, "sample_size": 16,
-    "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+    "block_out_channels": [16, 16, 32, 32], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 16,
+    "sample_size": 64, "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
     "scaling_factor": 0.18215}
 TINY_TEXT = {
     "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": 49408, "hidden_size": 32,
