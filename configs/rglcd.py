@@ -31,6 +31,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.sample_every = 1000          # sample grids (LCM 1/2/4 steps on validation_prompts); 0 = only at the end
     c.validation_prompts = VALIDATION_PROMPTS
+    c.sample_lcm_steps = (1, 2, 4)  # LCM step counts of the sample grids
     c.seed = 0
     c.compute_dtype = "bfloat16"   # UNet/VAE/text compute dtype; student master weights stay float32
     c.remat = False                # rematerialise each UNet block in the backward pass

@@ -2,6 +2,9 @@
 # 8 simulated CPU devices for the sharding tests; must be set before jax is first imported.
 import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Identical programs (e.g. the tiny train step in-process and in the resume subprocesses) compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join("/tmp", f"jaxlcd_test_cache_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 import numpy as np
 import pytest
 import torch

@@ -67,14 +67,14 @@ class MetricWriter:
             self.tb.close()
 
 
-def sample_grids(run, cfg, params, out_dir: str, tag: str, steps=(1, 2, 4)) -> None:
+def sample_grids(run, cfg, params, out_dir: str, tag: str) -> None:
     """PNG grid per LCM step count on the validation prompts (fixed latents and noise)."""
     pipe, student = run.pipe, run.models.student.clone(dtype=run.pipe.unet.dtype)
     ctx = encode_prompts(pipe, list(cfg.validation_prompts))
     shape = (len(cfg.validation_prompts), cfg.resolution // 8, cfg.resolution // 8, student.config.in_channels)
     z = jax.random.normal(jax.random.PRNGKey(1234), shape)
     os.makedirs(out_dir, exist_ok=True)
-    for n in steps:
+    for n in cfg.sample_lcm_steps:
         ts = tuple(int(t) for t in schedule.lcm_timesteps(n))
         noises = jax.random.normal(jax.random.PRNGKey(n), (n - 1,) + shape) if n > 1 else None
         _, images = lcm_generate(jax.device_get(params), pipe.vae_params, z, ctx, np.float32(8.5), run.abar, noises,
@@ -144,7 +144,7 @@ def train(cfg, workdir: str) -> dict:
                 _check_finite(pending, step - len(pending))
                 elapsed, n = time.perf_counter() - t_window, len(pending)
                 last = {k: float(v) for k, v in jax.device_get(pending[-1]).items() if k != "finite"}
-                last.update(lr=cfg.optim.learning_rate, steps_per_s=n / elapsed, images_per_s=n * global_batch / elapsed,
+                last.update(steps_per_s=n / elapsed, images_per_s=n * global_batch / elapsed,
                             data_skipped=sum(v for k, v in it.stats.as_dict().items() if k != "examples"))
                 writer.write(step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4g}", img_s=f"{last['images_per_s']:.3g}")

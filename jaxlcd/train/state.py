@@ -27,11 +27,14 @@ class TrainState:
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW with a constant learning rate after global-norm clipping (rglcd.md section 2)."""
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
-    )
+    """AdamW with a constant learning rate after global-norm clipping (rglcd.md section 2).
+
+    The hyper-parameters live in the optimizer state (inject_hyperparams), so they are checkpointed and
+    the compiled step does not change with them.
+    """
+    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2,
+                                                  eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
 
 
 def create_state(student_params, tx: optax.GradientTransformation, seed: int) -> TrainState:

@@ -85,7 +85,7 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
         mu = lcd.ema_decay
         target = jax.tree_util.tree_map(lambda t, p: mu * t + (1.0 - mu) * p, state.target_params, params)
 
-        metrics = {"loss": loss, "loss_cd": loss, "grad_norm": grad_norm, "w_mean": jnp.mean(w),
+        metrics = {"loss": loss, "lr": opt_state[1].hyperparams["learning_rate"], "loss_cd": loss, "grad_norm": grad_norm, "w_mean": jnp.mean(w),
                    "t_start_mean": jnp.mean(t_start.astype(jnp.float32)),
                    "pred_target_mse": jnp.mean((out.pred - out.target) ** 2),
                    # the update too: a finite loss can still step the params to Inf

@@ -1,0 +1,182 @@
+"""The tiny trainer end to end: train, checkpoint, crash + resume, SIGTERM, NaN stop, export, sharded step."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import diffusers
+import jax
+import numpy as np
+import pytest
+import torch
+from jax.sharding import PartitionSpec as P
+
+from jaxlcd import parallel
+from jaxlcd import data as data_lib
+from jaxlcd.export import main as export_main
+from jaxlcd.train import checkpoint, loop, setup, tiny
+from jaxlcd.train.step import make_train_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "rglcd.py")
+STEPS = 4
+
+
+def get_config(variant="tiny"):
+    spec = importlib.util.spec_from_file_location("rglcd_config", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tiny random teacher folder and a tiny image-caption folder shared by every run here."""
+    root = tmp_path_factory.mktemp("inputs")
+    teacher = tiny.write_teacher_folder(str(root / "teacher"))
+    data_lib.write_tiny_folder(str(root / "data"), n=24, resolution=64, seed=0)
+    return teacher, str(root / "data")
+
+
+def tiny_config(inputs, **overrides):
+    cfg = get_config("tiny")
+    cfg.teacher, cfg.data_dir = inputs
+    cfg.total_steps, cfg.checkpoint_every, cfg.log_every, cfg.per_device_batch = STEPS, 2, 1, 1
+    cfg.sample_lcm_steps = (1,)  # the grids' other step counts only cost compile time here
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def cli(inputs, workdir, *extra):
+    return [sys.executable, "-m", "jaxlcd.main", f"--config={CONFIG}:tiny", f"--workdir={workdir}",
+            f"--config.teacher={inputs[0]}", f"--config.data_dir={inputs[1]}", f"--config.total_steps={STEPS}",
+            "--config.checkpoint_every=2", "--config.log_every=1", "--config.per_device_batch=1",
+            "--config.sample_lcm_steps=(1,)", *extra]
+
+
+def losses(workdir):
+    """step -> loss, the last record of each step winning (a resumed run re-logs the replayed steps)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def trained(inputs, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    loop.train(tiny_config(inputs), workdir)
+    return workdir
+
+
+def test_tiny_run_trains_checkpoints_and_exports(trained):
+    record = losses(trained)
+    assert sorted(record) == list(range(1, STEPS + 1)) and all(np.isfinite(v) for v in record.values())
+    assert checkpoint.Checkpointer(trained).latest_step() == STEPS
+    assert sorted(os.listdir(os.path.join(trained, "checkpoints"))) == ["2", "4"]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(trained, "tensorboard")))
+    assert "final_lcm1.png" in os.listdir(os.path.join(trained, "samples"))
+    pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(os.path.join(trained, "export", "student"),
+                                                                    safety_checker=None)
+    assert pipe.unet.config.time_cond_proj_dim == 256
+    with torch.no_grad():
+        image = pipe("a red circle", num_inference_steps=1, guidance_scale=8.5, height=64, width=64,
+                     output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.all(np.isfinite(image))
+
+
+def test_export_cli_exports_an_older_checkpoint(trained, tmp_path):
+    out = str(tmp_path / "export2")
+    assert export_main(["--workdir", trained, "--out", out, "--step", "2", "--which", "target"]) == 0
+    assert diffusers.UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).config.time_cond_proj_dim == 256
+
+
+def test_resume_after_kill_matches_uninterrupted_run(inputs, trained, tmp_path):
+    workdir = str(tmp_path / "crash")
+    crashed = subprocess.run(cli(inputs, workdir, "--config.debug_kill_at_step=3"), capture_output=True, text=True)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    assert checkpoint.Checkpointer(workdir).latest_step() == 2
+    resumed = subprocess.run(cli(inputs, workdir), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from the checkpoint at step 2" in resumed.stderr
+    want, got = losses(trained), losses(workdir)
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
+def test_sigterm_saves_and_exits_cleanly(inputs, tmp_path):
+    workdir = str(tmp_path / "preempt")
+    proc = subprocess.Popen(cli(inputs, workdir, "--config.total_steps=100000", "--config.checkpoint_every=100000"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: saved the checkpoint" in err
+    saved = checkpoint.Checkpointer(workdir).latest_step()
+    assert saved is not None and saved >= max(losses(workdir))
+
+
+def test_nan_stops_without_saving(inputs, tmp_path):
+    workdir = str(tmp_path / "nan")
+    cfg = tiny_config(inputs, **{"optim.learning_rate": 1e38, "checkpoint_every": 1, "total_steps": 6})
+    with pytest.raises(loop.TrainingError, match=r"NaN/Inf at step (\d+).*last good checkpoint is untouched") as e:
+        loop.train(cfg, workdir)
+    bad_step = int(e.value.args[0].split("at step ")[1].split()[0])
+    latest = checkpoint.Checkpointer(workdir).latest_step()
+    assert latest is None or latest < bad_step
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"lcd.w_min": 20.0}, "lcd.w_min=20.0 is larger than lcd.w_max=15.0"),
+    ({"lcd.loss": "huberr"}, "lcd.loss='huberr' is unknown"),
+    ({"mesh.data": 3, "mesh.fsdp": 1}, "not divisible by the mesh's batch axes data\\*fsdp = 3"),
+    ({"teacher": "/nonexistent/sd"}, "config.teacher='/nonexistent/sd' does not exist"),
+])
+def test_bad_config_is_one_clear_sentence(inputs, overrides, message):
+    with pytest.raises(setup.ConfigValueError, match=message):
+        setup.validate_config(tiny_config(inputs, **overrides), 8)
+
+
+def test_cli_reports_config_errors(inputs, tmp_path):
+    bad = subprocess.run(cli(inputs, str(tmp_path / "w"), "--config.lcd.w_min=20"), capture_output=True, text=True)
+    assert bad.returncode == 2 and "error: lcd.w_min=20.0 is larger than lcd.w_max=15.0" in bad.stderr
+    typo = subprocess.run(cli(inputs, str(tmp_path / "w"), "--config.lcd.w_mn=3"), capture_output=True, text=True)
+    assert typo.returncode != 0 and "w_mn" in typo.stderr
+
+
+def test_sharded_step_matches_single_device(inputs):
+    assert jax.device_count() == 8
+    cfg = tiny_config(inputs)
+    teacher = inputs[0]
+    losses_by_mesh, runs = {}, {}
+    prepared = data_lib.prepare_folder_dataset(inputs[1], os.path.join(os.path.dirname(teacher), "prepared"))
+    for name, mesh in [("2x4", parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})),
+                       ("1", parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]))]:
+        run = setup.build_run(cfg, teacher, mesh)
+        it = data_lib.make_train_iterator(os.path.join(os.path.dirname(teacher), "prepared"),
+                                          tokenizer=run.pipe.tokenizer, resolution=64, batch_size_per_host=8, seed=0)
+        batch = parallel.global_batch({k: v for k, v in next(it).items() if k != "caption"}, mesh)
+        step = jax.jit(make_train_step(run.models, cfg.lcd, run.tx, run.abar),
+                       in_shardings=(run.state_shardings, run.frozen_shardings, parallel.batch_sharding(mesh)),
+                       out_shardings=(run.state_shardings, parallel.replicated(mesh)))
+        new_state, metrics = step(run.state, run.frozen, batch)
+        losses_by_mesh[name], runs[name] = float(metrics["loss"]), (run, new_state)
+    assert prepared["count"] == 24
+    assert losses_by_mesh["2x4"] == pytest.approx(losses_by_mesh["1"], rel=1e-5)
+    run, state = runs["2x4"]
+    kernel = ("up_blocks_0.resnets_0", "conv1", "kernel")  # [3, 3, 128, 64]
+    get = lambda tree: tree[kernel[0]][kernel[1]][kernel[2]]
+    assert get(state.params).sharding.spec == P(None, None, "fsdp")
+    assert get(state.target_params).sharding.spec == P(None, None, "fsdp")
+    assert get(state.opt_state[1].inner_state[0].mu).sharding.spec == P(None, None, "fsdp")
+    assert state.params["conv_in"]["bias"].sharding.spec == P()
