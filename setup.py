@@ -22,6 +22,10 @@ setup(
         "numpy>=1.26,<3",
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
+        "grain>=0.2.10,<0.3",
+        "array-record>=0.7,<0.9",
+        "tensorflow-datasets>=4.9.8,<4.10",   # builders + array_record data source; TensorFlow not needed
+        "tensorboardX>=2.6,<3",
         "transformers>=5,<6",   # CLIPTokenizer (the text encoder itself is our Flax port)
     ],
     extras_require={
