@@ -50,12 +50,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count(),
+                    help="torch intra-op threads (use 1 with `taskset -c 0` when other work shares the machine)")
     args = ap.parse_args()
     import diffusers
 
     from jaxlcd import pipeline as jp
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.torch_threads)
     print(f"machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)\n")
     with tempfile.TemporaryDirectory() as tmp:
         path = make_pipeline(os.path.join(tmp, "pipe"))

@@ -1,0 +1,292 @@
+"""Speed and FLOPs of the compiled LCD training step, against the same step in eager PyTorch (same run).
+
+    PYTHONPATH=. python benchmarks/train_step.py [--configs tiny mid] [--steps-tiny 10] [--steps-mid 3]
+                                                 [--torch-threads N]
+
+Configs:
+  tiny  the tiny random teacher of `jaxlcd.train.tiny` (configs/rglcd.py:tiny), 64 px, batch 2;
+  mid   a pipeline folder with a quarter-width SD UNet (benchmarks/ports.py MID_UNET, 74 M params), the SD VAE
+        and a 4-layer CLIP-L-width text encoder (benchmarks/sampling.py make_pipeline), 256 px, batch 2.
+
+jax: `jaxlcd.train.setup.build_run` on a single-device mesh, compute dtype float32, `make_train_step` jitted
+with the state donated; each step encodes random pixels with the VAE and fixed token ids with the text encoder.
+PyTorch: the same work in eager mode with diffusers / transformers models loaded from the same folder: VAE encode
++ posterior sample, CLIP text encode, batched cond+uncond teacher UNet (2B), student UNet (teacher weights +
+`time_embedding.cond_proj`), EMA-target UNet on x_prev at t_end, pseudo-Huber loss, backward,
+clip_grad_norm_(1.0), AdamW, EMA update. jax and torch steps are timed alternately (one of each per round), so a
+varying background load hits both alike; medians.
+
+FLOPs: XLA `cost_analysis()["flops"]` of the compiled jax step, beside `torch.utils.flop_counter.FlopCounterMode`
+on one PyTorch step (forward + backward) and an estimate built from per-model forward counts:
+3 x student fwd (fwd + bwd) + teacher fwd at 2B + target fwd + VAE encode + text encode.
+Prints markdown tables (copied into BENCHMARKS.md).
+
+On a machine where other processes hold cores, eager PyTorch with one OpenMP thread per core stalls at its
+parallel-region barriers; `taskset -c 0 ... --torch-threads 1` pins both sides to one core for a fair ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import gflops, machine, peak_rss_gib, print_table
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "a photo of an astronaut riding a horse"
+
+
+def get_config(variant: str):
+    spec = importlib.util.spec_from_file_location("rglcd_config", os.path.join(ROOT, "configs", "rglcd.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+# ------------------------------------------------------------------------------------------- teachers
+def tiny_teacher(tmp: str):
+    from jaxlcd.train import tiny
+
+    cfg = get_config("tiny")
+    return cfg, tiny.write_teacher_folder(os.path.join(tmp, "tiny_teacher"), seed=cfg.seed)
+
+
+def mid_teacher(tmp: str):
+    """benchmarks/sampling.py's mid pipeline, with a teacher UNet (no time_cond_proj_dim) in place of its student."""
+    import diffusers
+
+    from ports import MID_UNET
+    from sampling import make_pipeline
+
+    path = make_pipeline(os.path.join(tmp, "mid_teacher"))
+    torch.manual_seed(0)
+    diffusers.UNet2DConditionModel(**MID_UNET).save_pretrained(os.path.join(path, "unet"))
+    cfg = get_config("sd15")
+    cfg.resolution, cfg.per_device_batch, cfg.compute_dtype = 256, 2, "float32"
+    return cfg, path
+
+
+# ------------------------------------------------------------------------------------------- jax side
+class JaxStep:
+    def __init__(self, cfg, teacher_dir: str, pixels: np.ndarray, ids: np.ndarray):
+        from jaxlcd import parallel
+        from jaxlcd.train.setup import build_run
+        from jaxlcd.train.step import make_train_step
+
+        mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+        run = build_run(cfg, teacher_dir, mesh)
+        self.run = run
+        self.frozen = run.frozen
+        self.batch = {"pixels": jnp.asarray(pixels), "input_ids": jnp.asarray(ids)}
+        fn = jax.jit(make_train_step(run.models, cfg.lcd, run.tx, run.abar), donate_argnums=0)
+        t0 = time.perf_counter()
+        self.compiled = fn.lower(run.state, self.frozen, self.batch).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.gflop = gflops(self.compiled)
+        self.state = run.state
+        self.n_student = sum(x.size for x in jax.tree_util.tree_leaves(run.state.params))
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        self.state, metrics = self.compiled(self.state, self.frozen, self.batch)
+        jax.block_until_ready(metrics)
+        dt = time.perf_counter() - t0
+        assert bool(metrics["finite"]), metrics
+        return dt
+
+
+# ------------------------------------------------------------------------------------------- torch side
+class TorchStep:
+    """The LCD step of rglcd.md section 2 in eager PyTorch (float32), models read from the teacher folder."""
+
+    def __init__(self, cfg, teacher_dir: str, pixels: np.ndarray, ids: np.ndarray, uncond_ids: np.ndarray):
+        import diffusers
+        import transformers
+
+        torch.manual_seed(cfg.seed)
+        load = lambda cls, sub: cls.from_pretrained(os.path.join(teacher_dir, sub)).eval().requires_grad_(False)
+        self.teacher = load(diffusers.UNet2DConditionModel, "unet")
+        self.vae = load(diffusers.AutoencoderKL, "vae")
+        self.text = load(transformers.CLIPTextModel, "text_encoder")
+        self.student = diffusers.UNet2DConditionModel.from_config(
+            self.teacher.config, time_cond_proj_dim=cfg.lcd.w_embedding_dim)
+        missing, unexpected = self.student.load_state_dict(self.teacher.state_dict(), strict=False)
+        assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
+        self.student.train()
+        self.target = copy.deepcopy(self.student).eval().requires_grad_(False)
+        self.params = [p for p in self.student.parameters()]
+        self.target_params = [p for p in self.target.parameters()]
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(self.params, lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
+                                     weight_decay=o.weight_decay)
+        self.cfg = cfg
+        sched = diffusers.DDIMScheduler.from_pretrained(teacher_dir, subfolder="scheduler")
+        self.abar = sched.alphas_cumprod.float()
+        self.kind = sched.config.prediction_type
+        self.sf = self.vae.config.scaling_factor
+        self.pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
+        self.ids = torch.from_numpy(ids.astype(np.int64))
+        with torch.no_grad():
+            self.uncond = self.text(torch.from_numpy(uncond_ids.astype(np.int64)))[0]
+        self.n_student = sum(p.numel() for p in self.params)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    def _x0_eps(self, out, z, a):
+        if self.kind == "epsilon":
+            return (z - (1 - a).sqrt() * out) / a.sqrt(), out
+        if self.kind == "v_prediction":
+            return a.sqrt() * z - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * z
+        return out, (z - a.sqrt() * out) / (1 - a).sqrt()
+
+    @staticmethod
+    def _consistency(z, x0, t):
+        s = t.float().view(-1, 1, 1, 1) * 10.0
+        return 0.25 / (s ** 2 + 0.25) * z + s / (s ** 2 + 0.25).sqrt() * x0
+
+    def step(self):
+        from diffusers import LatentConsistencyModelPipeline as LCM
+
+        lcd, g = self.cfg.lcd, self.gen
+        with torch.no_grad():
+            z0 = self.vae.encode(self.pixels).latent_dist.sample(generator=g) * self.sf
+            ctx = self.text(self.ids)[0]
+        b = z0.shape[0]
+        k = 1000 // lcd.num_ddim_timesteps
+        index = torch.randint(0, lcd.num_ddim_timesteps, (b,), generator=g)
+        t_start = k * (index + 1) - 1
+        t_end = torch.clamp(t_start - k, min=0)
+        noise = torch.randn(z0.shape, generator=g)
+        w = lcd.w_min + (lcd.w_max - lcd.w_min) * torch.rand(b, generator=g)
+        w_emb = LCM.get_guidance_scale_embedding(LCM, w, embedding_dim=lcd.w_embedding_dim)
+        col = lambda v: v.view(-1, 1, 1, 1)
+        a_s, a_e = col(self.abar[t_start]), col(self.abar[t_end])
+        z = a_s.sqrt() * z0 + (1 - a_s).sqrt() * noise
+        with torch.no_grad():
+            out = self.teacher(torch.cat([z, z]), torch.cat([t_start, t_start]),
+                               torch.cat([ctx, self.uncond.expand(b, -1, -1)])).sample
+            x0, eps = self._x0_eps(out, torch.cat([z, z]), torch.cat([a_s, a_s]))
+            x0 = x0[:b] + col(w) * (x0[:b] - x0[b:])
+            eps = eps[:b] + col(w) * (eps[:b] - eps[b:])
+            x_prev = a_e.sqrt() * x0 + (1 - a_e).sqrt() * eps
+            tgt_out = self.target(x_prev, t_end, ctx, timestep_cond=w_emb).sample
+            target = self._consistency(x_prev, self._x0_eps(tgt_out, x_prev, a_e)[0], t_end)
+        pred_out = self.student(z, t_start, ctx, timestep_cond=w_emb).sample
+        pred = self._consistency(z, self._x0_eps(pred_out, z, a_s)[0], t_start)
+        c = lcd.huber_c
+        loss = torch.mean(torch.sqrt((pred - target) ** 2 + c * c) - c)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.opt.step()
+        with torch.no_grad():
+            mu = lcd.ema_decay
+            torch._foreach_mul_(self.target_params, mu)
+            torch._foreach_add_(self.target_params, self.params, alpha=1.0 - mu)
+        return loss
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        loss = self.step()
+        dt = time.perf_counter() - t0
+        assert torch.isfinite(loss), loss
+        return dt
+
+    def flops(self) -> dict:
+        """GFLOP (FlopCounterMode: matmul/conv/attention, 2 per multiply-add) of one step and of each model fwd."""
+        def count(fn):
+            with FlopCounterMode(display=False) as fc:
+                fn()
+            return fc.get_total_flops() / 1e9
+
+        b = self.pixels.shape[0]
+        h = self.pixels.shape[2] // 8
+        z = torch.randn(b, self.teacher.config.in_channels, h, h)
+        t = torch.full((b,), 499)
+        w_emb = torch.randn(b, self.cfg.lcd.w_embedding_dim)
+        with torch.no_grad():
+            ctx = self.text(self.ids)[0]
+            res = {"text": count(lambda: self.text(self.ids)),
+                   "vae encode": count(lambda: self.vae.encode(self.pixels)),
+                   "teacher 2B": count(lambda: self.teacher(torch.cat([z, z]), torch.cat([t, t]),
+                                                            torch.cat([ctx, ctx]))),
+                   "student fwd": count(lambda: self.target(z, t, ctx, timestep_cond=w_emb))}
+        res["step (counted)"] = count(self.step)
+        res["estimate"] = (4 * res["student fwd"] + res["teacher 2B"] + res["vae encode"] + res["text"])
+        return res
+
+
+# ------------------------------------------------------------------------------------------- driver
+def bench(name: str, cfg, teacher_dir: str, steps: int) -> tuple[dict, dict]:
+    from jaxlcd.pipeline import load_tokenizer, tokenize
+
+    b, px = cfg.per_device_batch, cfg.resolution
+    tok = load_tokenizer(os.path.join(teacher_dir, "tokenizer"))
+    ids = np.asarray(tokenize(tok, [PROMPT] * b), np.int32)
+    uncond_ids = np.asarray(tokenize(tok, [""]), np.int32)
+    pixels = np.random.default_rng(0).uniform(-1, 1, (b, px, px, 3)).astype(np.float32)
+
+    print(f"[{name}] building + compiling the jax step ...", flush=True)
+    js = JaxStep(cfg, teacher_dir, pixels, ids)
+    print(f"[{name}] compiled in {js.compile_s:.1f}s, XLA {js.gflop:.1f} GFLOP/step; loading torch ...", flush=True)
+    ts = TorchStep(cfg, teacher_dir, pixels, ids, uncond_ids)
+    assert ts.n_student == js.n_student, (ts.n_student, js.n_student)
+    js(), ts()  # warm-up (first run of the executable; torch allocator / oneDNN primitive caches)
+    jax_t, torch_t = [], []
+    for i in range(steps):  # alternate, so background load affects both sides alike
+        jax_t.append(js())
+        torch_t.append(ts())
+        print(f"[{name}] round {i + 1}/{steps}: jax {jax_t[-1]:.3f}s torch {torch_t[-1]:.3f}s", flush=True)
+    fl = ts.flops()
+    jax_s, torch_s = statistics.median(jax_t), statistics.median(torch_t)
+    row = {"config": name, "batch": b, "px": px, "student M params": js.n_student / 1e6,
+           "jax compile s": js.compile_s, "jax step s": jax_s, "jax steps/s": 1 / jax_s, "jax img/s": b / jax_s,
+           "torch step s": torch_s, "torch img/s": b / torch_s, "torch/jax": torch_s / jax_s,
+           "XLA GFLOP/step": js.gflop, "torch-counted GFLOP/step": fl["step (counted)"],
+           "estimate GFLOP/step": fl["estimate"], "jax GFLOP/s": js.gflop / jax_s,
+           "jax best s": min(jax_t), "torch best s": min(torch_t), "torch/jax (best)": min(torch_t) / min(jax_t)}
+    parts = {"config": name, **{k: v for k, v in fl.items()}}
+    return row, parts
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
+    ap.add_argument("--steps-tiny", type=int, default=10, help="timed rounds (one jax + one torch step each)")
+    ap.add_argument("--steps-mid", type=int, default=3)
+    ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (default: all cores)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.torch_threads or os.cpu_count())
+    print(f"machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)\n", flush=True)
+    rows, parts = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs:
+            cfg, teacher = (tiny_teacher if name == "tiny" else mid_teacher)(tmp)
+            row, part = bench(name, cfg, teacher, args.steps_tiny if name == "tiny" else args.steps_mid)
+            rows.append(row)
+            parts.append(part)
+    print()
+    print_table(rows, ["config", "batch", "px", "jax compile s", "jax step s", "jax img/s", "torch step s",
+                       "torch img/s", "torch/jax", "XLA GFLOP/step", "torch-counted GFLOP/step"])
+    print()
+    print_table(rows, ["config", "student M params", "jax steps/s", "jax GFLOP/s", "jax best s", "torch best s",
+                       "torch/jax (best)", "estimate GFLOP/step"])
+    print()
+    print_table(parts, ["config", "text", "vae encode", "teacher 2B", "student fwd", "estimate", "step (counted)"])
+    print(f"\npeak RSS {peak_rss_gib():.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
