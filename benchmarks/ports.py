@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 
 from common import compile_jax, machine, median_seconds, peak_rss_gib, print_table

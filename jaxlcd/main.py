@@ -26,13 +26,11 @@ def main(argv):
     logging.getLogger("jaxlcd").addHandler(handler)
     logging.getLogger("jaxlcd").setLevel(logging.INFO)
     logging.getLogger("jaxlcd").propagate = False
-    from jaxlcd.train import loop, setup  # after flag parsing: keeps --help fast
-    from jaxlcd.pipeline import PipelineError
-    from jaxlcd.weights import WeightsError
+    from jaxlcd.train import loop  # after flag parsing: keeps --help fast
 
     try:
         loop.train(FLAGS.config, FLAGS.workdir)
-    except (setup.ConfigValueError, PipelineError, WeightsError, loop.TrainingError, ValueError) as e:
+    except (ValueError, loop.TrainingError) as e:  # config, pipeline, weights and data errors are ValueErrors
         print(f"jaxlcd.main: error: {e}", file=sys.stderr)
         sys.exit(2)
 

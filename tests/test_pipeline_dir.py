@@ -2,12 +2,11 @@
 import os
 
 import diffusers
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from conftest import nchw_to_nhwc, rel_err
+from conftest import rel_err
 from jaxlcd.models.clip_text import CLIPTextModel
 from jaxlcd.models.unet import UNet2DConditionModel
 from jaxlcd.models.vae import AutoencoderKL

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nchw_to_nhwc, nhwc_to_nchw, perturb_, rel_err
+from conftest import nchw_to_nhwc, perturb_, rel_err
 from jaxlcd.diffusion import consistency as cm
 from jaxlcd.diffusion import samplers, schedule
 from jaxlcd.weights import load_component

@@ -7,7 +7,7 @@ PyTorch ``<list>.<i>``. Norms and the attention softmax run in float32 whatever 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp

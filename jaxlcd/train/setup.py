@@ -7,10 +7,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxlcd import parallel
-from jaxlcd.diffusion import schedule
 from jaxlcd.export import add_cond_proj
 from jaxlcd.pipeline import check_pipeline_dir, encode_prompts, load_pipeline
 from jaxlcd.train import tiny
