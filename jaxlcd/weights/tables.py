@@ -23,6 +23,7 @@ from flax import traverse_util
 LIST_NAMES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
     "upsamplers", "to_out", "net", "layers", "resblocks",
+    "blocks", "layer", "layer1", "layer2", "layer3", "layer4", "downsample",   # timm ViT, BERT, CLIP ResNet
 })
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 _LIST_SEGMENT = re.compile(r"(.+)_(\d+)")
