@@ -71,17 +71,22 @@ class CLIPTextConfig(ModelConfig):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention (q/k/v/out_proj). x [B,L,D] -> [B,L,D] in ``dtype``."""
+    """Multi-head self-attention (q/k/v/out_proj), causal unless ``causal=False`` (the vision tower).
+
+    x [B,L,D] -> [B,L,D] in ``dtype``. ``config`` may be any config with the CLIPTextConfig layer
+    fields (hidden_size, num_attention_heads, intermediate_size, hidden_act, layer_norm_eps).
+    """
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d = self.config.hidden_size
         q, k, v = (nn.Dense(d, name=n, **kw)(x) for n in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v, heads=self.config.num_attention_heads, is_causal=True)
+        out = attention(q, k, v, heads=self.config.num_attention_heads, is_causal=self.causal)
         return nn.Dense(d, name="out_proj", **kw)(out)
 
 
@@ -104,12 +109,14 @@ class CLIPEncoderLayer(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.config.layer_norm_eps
-        x = x + CLIPAttention(self.config, name="self_attn", **kw)(layer_norm(eps, "layer_norm1", **kw)(x))
+        attn = CLIPAttention(self.config, causal=self.causal, name="self_attn", **kw)
+        x = x + attn(layer_norm(eps, "layer_norm1", **kw)(x))
         return x + CLIPMLP(self.config, name="mlp", **kw)(layer_norm(eps, "layer_norm2", **kw)(x))
 
 
@@ -134,13 +141,15 @@ class CLIPEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         layer_cls = maybe_remat(CLIPEncoderLayer, self.remat)
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            x = layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}")(x)
+            x = layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype, causal=self.causal,
+                          name=f"layers_{i}")(x)
             states.append(x)
         return states
 

@@ -30,9 +30,9 @@ class ComponentSpec:
 
 
 def _specs() -> list[ComponentSpec]:
-    from jaxlcd.models import clip_text, unet, vae
+    from jaxlcd.models import clip, clip_text, lrm, unet, vae
 
-    return [unet.SPEC, vae.SPEC, clip_text.SPEC]
+    return [unet.SPEC, vae.SPEC, clip_text.SPEC, clip.SPEC, lrm.SPEC]
 
 
 def spec_for_config(config: dict, where: str = "config.json") -> ComponentSpec:

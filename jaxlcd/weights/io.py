@@ -86,16 +86,40 @@ def read_tensors(directory: str, stem: str, variant: Optional[str] = None,
     if not pickles:
         raise WeightsError(f"{directory!r} holds no weights: expected {stem}.safetensors")
     if not allow_pickle:
-        raise WeightsError(f"{pickles[0]} is a pickle checkpoint, which can run arbitrary code when loaded; "
-                           "convert it to safetensors, or pass allow_pickle=True if you trust it")
-    import torch  # only needed for trusted pickle files
-
+        raise WeightsError(_pickle_refusal(pickles[0]))
     tensors = {}
     for f in pickles:
-        sd = torch.load(f, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd)
-        tensors.update({k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()})
+        tensors.update(_read_pickle(f))
     return tensors
+
+
+def _pickle_refusal(path: str) -> str:
+    return (f"{path} is a pickle checkpoint, which can run arbitrary code when loaded; "
+            "convert it to safetensors, or pass allow_pickle=True if you trust it")
+
+
+def _read_pickle(path: str) -> dict[str, np.ndarray]:
+    import torch  # only needed for trusted pickle files
+
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd = sd.get("state_dict", sd)
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in sd.items()}
+
+
+def read_tensor_file(path: str, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """One weights file (``.safetensors``, or a pickle only with ``allow_pickle``) as numpy arrays by key."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file {path!r} does not exist")
+    if path.endswith(PICKLE_SUFFIXES):
+        if not allow_pickle:
+            raise WeightsError(_pickle_refusal(path))
+        return _read_pickle(path)
+    if not path.endswith(".safetensors"):
+        raise WeightsError(f"{path!r}: expected a .safetensors file (or a trusted {'/'.join(PICKLE_SUFFIXES)} pickle)")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises several types for corrupt headers
+        raise WeightsError(f"cannot read {path}: {e}") from None
 
 
 def write_component_dir(directory: str, config: dict, tensors: dict[str, np.ndarray], stem: str) -> None:

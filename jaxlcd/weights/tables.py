@@ -125,5 +125,6 @@ def flax_to_pt(params: Mapping, table: list[Entry], dtype=None) -> dict[str, np.
         arr = np.asarray(flat[e.flax_path])
         if dtype is not None:
             arr = arr.astype(dtype)
-        out[e.pt_key] = np.ascontiguousarray(to_pt_layout(arr, e.layout))
+        arr = to_pt_layout(arr, e.layout)
+        out[e.pt_key] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # (keeps 0-d params 0-d)
     return out
