@@ -47,6 +47,8 @@ from common import gflops, machine, peak_rss_gib, print_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a photo of an astronaut riding a horse"
+# dense bf16 peak (no sparsity), TFLOP/s, for MFU
+PEAK_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0}
 
 
 def get_config(variant: str):
@@ -76,6 +78,35 @@ def mid_teacher(tmp: str):
     diffusers.UNet2DConditionModel(**MID_UNET).save_pretrained(os.path.join(path, "unet"))
     cfg = get_config("sd15")
     cfg.resolution, cfg.per_device_batch, cfg.compute_dtype = 256, 2, "float32"
+    return cfg, path
+
+
+def sd21base_teacher(tmp: str, batch: int):
+    """A full-size SD 2.1-base pipeline folder with random weights (fp32 safetensors, ~5 GB; written once)."""
+    import diffusers
+    import transformers
+
+    from aot_tpu import SD21_BASE_UNET, SD2_TEXT, SD_SCHEDULER, SD_VAE
+    from jaxlcd.tokenizer import build_clip_tokenizer_files
+
+    path = os.path.join(tmp, "sd21base")
+    cfg = get_config("sd21base")
+    cfg.resolution, cfg.per_device_batch, cfg.compute_dtype, cfg.remat = 512, batch, "bfloat16", True
+    if os.path.isfile(os.path.join(path, "model_index.json")):
+        return cfg, path
+    torch.manual_seed(0)
+    cfg_of = lambda d: {k: v for k, v in d.items() if not k.startswith("_") and k != "architectures"}
+    diffusers.UNet2DConditionModel(**cfg_of(SD21_BASE_UNET)).save_pretrained(os.path.join(path, "unet"))
+    diffusers.AutoencoderKL(**cfg_of(SD_VAE)).save_pretrained(os.path.join(path, "vae"))
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(**cfg_of(SD2_TEXT))).save_pretrained(
+        os.path.join(path, "text_encoder"))
+    build_clip_tokenizer_files(os.path.join(path, "tokenizer"), pad_token="!")
+    diffusers.DDIMScheduler(**SD_SCHEDULER).save_pretrained(os.path.join(path, "scheduler"))
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        import json
+        json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+                   "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+                   "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}, f)
     return cfg, path
 
 
@@ -112,12 +143,17 @@ class JaxStep:
 class TorchStep:
     """The LCD step of rglcd.md section 2 in eager PyTorch (float32), models read from the teacher folder."""
 
-    def __init__(self, cfg, teacher_dir: str, pixels: np.ndarray, ids: np.ndarray, uncond_ids: np.ndarray):
+    def __init__(self, cfg, teacher_dir: str, pixels: np.ndarray, ids: np.ndarray, uncond_ids: np.ndarray,
+                 device: str = "cpu"):
         import diffusers
         import transformers
 
         torch.manual_seed(cfg.seed)
-        load = lambda cls, sub: cls.from_pretrained(os.path.join(teacher_dir, sub)).eval().requires_grad_(False)
+        self.device = torch.device(device)
+        # frozen models in the compute dtype; the student keeps float32 masters (autocast when bf16), as jax does
+        self.dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
+        load = lambda cls, sub: cls.from_pretrained(os.path.join(teacher_dir, sub)).eval().requires_grad_(False).to(
+            self.device, self.dtype)
         self.teacher = load(diffusers.UNet2DConditionModel, "unet")
         self.vae = load(diffusers.AutoencoderKL, "vae")
         self.text = load(transformers.CLIPTextModel, "text_encoder")
@@ -125,7 +161,9 @@ class TorchStep:
             self.teacher.config, time_cond_proj_dim=cfg.lcd.w_embedding_dim)
         missing, unexpected = self.student.load_state_dict(self.teacher.state_dict(), strict=False)
         assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
-        self.student.train()
+        self.student.to(self.device, torch.float32).train()
+        if cfg.remat:
+            self.student.enable_gradient_checkpointing()
         self.target = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.params = [p for p in self.student.parameters()]
         self.target_params = [p for p in self.target.parameters()]
@@ -134,15 +172,15 @@ class TorchStep:
                                      weight_decay=o.weight_decay)
         self.cfg = cfg
         sched = diffusers.DDIMScheduler.from_pretrained(teacher_dir, subfolder="scheduler")
-        self.abar = sched.alphas_cumprod.float()
+        self.abar = sched.alphas_cumprod.float().to(self.device)
         self.kind = sched.config.prediction_type
         self.sf = self.vae.config.scaling_factor
-        self.pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())
-        self.ids = torch.from_numpy(ids.astype(np.int64))
+        self.pixels = torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()).to(self.device, self.dtype)
+        self.ids = torch.from_numpy(ids.astype(np.int64)).to(self.device)
         with torch.no_grad():
-            self.uncond = self.text(torch.from_numpy(uncond_ids.astype(np.int64)))[0]
+            self.uncond = self.text(torch.from_numpy(uncond_ids.astype(np.int64)).to(self.device))[0]
         self.n_student = sum(p.numel() for p in self.params)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.gen = torch.Generator(self.device).manual_seed(cfg.seed)
 
     def _x0_eps(self, out, z, a):
         if self.kind == "epsilon":
@@ -160,30 +198,33 @@ class TorchStep:
         from diffusers import LatentConsistencyModelPipeline as LCM
 
         lcd, g = self.cfg.lcd, self.gen
+        dev, lowp = self.device, self.dtype
         with torch.no_grad():
-            z0 = self.vae.encode(self.pixels).latent_dist.sample(generator=g) * self.sf
+            z0 = self.vae.encode(self.pixels).latent_dist.sample(generator=g).float() * self.sf
             ctx = self.text(self.ids)[0]
         b = z0.shape[0]
         k = 1000 // lcd.num_ddim_timesteps
-        index = torch.randint(0, lcd.num_ddim_timesteps, (b,), generator=g)
+        index = torch.randint(0, lcd.num_ddim_timesteps, (b,), generator=g, device=dev)
         t_start = k * (index + 1) - 1
         t_end = torch.clamp(t_start - k, min=0)
-        noise = torch.randn(z0.shape, generator=g)
-        w = lcd.w_min + (lcd.w_max - lcd.w_min) * torch.rand(b, generator=g)
-        w_emb = LCM.get_guidance_scale_embedding(LCM, w, embedding_dim=lcd.w_embedding_dim)
+        noise = torch.randn(z0.shape, generator=g, device=dev)
+        w = lcd.w_min + (lcd.w_max - lcd.w_min) * torch.rand(b, generator=g, device=dev)
+        w_emb = LCM.get_guidance_scale_embedding(LCM, w.cpu(), embedding_dim=lcd.w_embedding_dim).to(dev)
         col = lambda v: v.view(-1, 1, 1, 1)
         a_s, a_e = col(self.abar[t_start]), col(self.abar[t_end])
         z = a_s.sqrt() * z0 + (1 - a_s).sqrt() * noise
         with torch.no_grad():
-            out = self.teacher(torch.cat([z, z]), torch.cat([t_start, t_start]),
-                               torch.cat([ctx, self.uncond.expand(b, -1, -1)])).sample
+            out = self.teacher(torch.cat([z, z]).to(lowp), torch.cat([t_start, t_start]),
+                               torch.cat([ctx, self.uncond.expand(b, -1, -1)])).sample.float()
             x0, eps = self._x0_eps(out, torch.cat([z, z]), torch.cat([a_s, a_s]))
             x0 = x0[:b] + col(w) * (x0[:b] - x0[b:])
             eps = eps[:b] + col(w) * (eps[:b] - eps[b:])
             x_prev = a_e.sqrt() * x0 + (1 - a_e).sqrt() * eps
-            tgt_out = self.target(x_prev, t_end, ctx, timestep_cond=w_emb).sample
+            with torch.autocast(dev.type, dtype=lowp, enabled=lowp != torch.float32):
+                tgt_out = self.target(x_prev, t_end, ctx, timestep_cond=w_emb).sample.float()
             target = self._consistency(x_prev, self._x0_eps(tgt_out, x_prev, a_e)[0], t_end)
-        pred_out = self.student(z, t_start, ctx, timestep_cond=w_emb).sample
+        with torch.autocast(dev.type, dtype=lowp, enabled=lowp != torch.float32):
+            pred_out = self.student(z, t_start, ctx, timestep_cond=w_emb).sample.float()
         pred = self._consistency(z, self._x0_eps(pred_out, z, a_s)[0], t_start)
         c = lcd.huber_c
         loss = torch.mean(torch.sqrt((pred - target) ** 2 + c * c) - c)
@@ -200,6 +241,8 @@ class TorchStep:
     def __call__(self) -> float:
         t0 = time.perf_counter()
         loss = self.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         assert torch.isfinite(loss), loss
         return dt
@@ -211,16 +254,16 @@ class TorchStep:
                 fn()
             return fc.get_total_flops() / 1e9
 
-        b = self.pixels.shape[0]
+        b, dev = self.pixels.shape[0], self.device
         h = self.pixels.shape[2] // 8
-        z = torch.randn(b, self.teacher.config.in_channels, h, h)
-        t = torch.full((b,), 499)
-        w_emb = torch.randn(b, self.cfg.lcd.w_embedding_dim)
-        with torch.no_grad():
+        z = torch.randn(b, self.teacher.config.in_channels, h, h, device=dev)
+        t = torch.full((b,), 499, device=dev)
+        w_emb = torch.randn(b, self.cfg.lcd.w_embedding_dim, device=dev)
+        with torch.no_grad(), torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             ctx = self.text(self.ids)[0]
             res = {"text": count(lambda: self.text(self.ids)),
                    "vae encode": count(lambda: self.vae.encode(self.pixels)),
-                   "teacher 2B": count(lambda: self.teacher(torch.cat([z, z]), torch.cat([t, t]),
+                   "teacher 2B": count(lambda: self.teacher(torch.cat([z, z]).to(self.dtype), torch.cat([t, t]),
                                                             torch.cat([ctx, ctx]))),
                    "student fwd": count(lambda: self.target(z, t, ctx, timestep_cond=w_emb))}
         res["step (counted)"] = count(self.step)
@@ -229,7 +272,8 @@ class TorchStep:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def bench(name: str, cfg, teacher_dir: str, steps: int) -> tuple[dict, dict]:
+def bench(name: str, cfg, teacher_dir: str, steps: int, device: str = "cpu", jax_only: bool = False
+          ) -> tuple[dict, dict]:
     from jaxlcd.pipeline import load_tokenizer, tokenize
 
     b, px = cfg.per_device_batch, cfg.resolution
@@ -241,7 +285,16 @@ def bench(name: str, cfg, teacher_dir: str, steps: int) -> tuple[dict, dict]:
     print(f"[{name}] building + compiling the jax step ...", flush=True)
     js = JaxStep(cfg, teacher_dir, pixels, ids)
     print(f"[{name}] compiled in {js.compile_s:.1f}s, XLA {js.gflop:.1f} GFLOP/step; loading torch ...", flush=True)
-    ts = TorchStep(cfg, teacher_dir, pixels, ids, uncond_ids)
+    mem = js.compiled.memory_analysis()
+    if jax_only:
+        js()
+        jax_t = [js() for _ in range(steps)]
+        row = {"config": name, "batch": b, "px": px, "jax compile s": js.compile_s,
+               "jax step s": statistics.median(jax_t), "jax img/s": b / statistics.median(jax_t),
+               "XLA GFLOP/step": js.gflop, "jax temp GiB": mem.temp_size_in_bytes / 2**30,
+               "jax args GiB": mem.argument_size_in_bytes / 2**30}
+        return row, {"config": name}
+    ts = TorchStep(cfg, teacher_dir, pixels, ids, uncond_ids, device)
     assert ts.n_student == js.n_student, (ts.n_student, js.n_student)
     js(), ts()  # warm-up (first run of the executable; torch allocator / oneDNN primitive caches)
     jax_t, torch_t = [], []
@@ -257,13 +310,26 @@ def bench(name: str, cfg, teacher_dir: str, steps: int) -> tuple[dict, dict]:
            "XLA GFLOP/step": js.gflop, "torch-counted GFLOP/step": fl["step (counted)"],
            "estimate GFLOP/step": fl["estimate"], "jax GFLOP/s": js.gflop / jax_s,
            "jax best s": min(jax_t), "torch best s": min(torch_t), "torch/jax (best)": min(torch_t) / min(jax_t)}
+    if mem is not None:
+        row["jax temp GiB"] = mem.temp_size_in_bytes / 2**30
+        row["jax args GiB"] = mem.argument_size_in_bytes / 2**30
+    if device == "cuda":
+        # MFU from the FLOPs of the same work counted on the PyTorch side (XLA's GPU cost analysis leaves out the
+        # cuDNN convolution custom calls, so its count is far too low there)
+        peak = PEAK_BF16_TFLOPS.get(jax.devices()[0].device_kind, float("nan")) * 1e3
+        row["torch peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        row["jax MFU %"] = 100 * fl["step (counted)"] / jax_s / peak
+        row["torch MFU %"] = 100 * fl["step (counted)"] / torch_s / peak
     parts = {"config": name, **{k: v for k, v in fl.items()}}
     return row, parts
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid"])
+    ap.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid", "sd21base"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[8], help="sd21base: images per step (one run each)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the PyTorch step runs")
+    ap.add_argument("--jax-only", action="store_true", help="time only the jax step (e.g. to find the largest batch)")
     ap.add_argument("--steps-tiny", type=int, default=10, help="timed rounds (one jax + one torch step each)")
     ap.add_argument("--steps-mid", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (default: all cores)")
@@ -273,11 +339,23 @@ def main():
     rows, parts = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
-            cfg, teacher = (tiny_teacher if name == "tiny" else mid_teacher)(tmp)
-            row, part = bench(name, cfg, teacher, args.steps_tiny if name == "tiny" else args.steps_mid)
-            rows.append(row)
-            parts.append(part)
+            if name == "sd21base":
+                runs = [(f"sd21base b{b}",) + sd21base_teacher(tmp, b) for b in args.batch]
+            else:
+                runs = [(name,) + (tiny_teacher if name == "tiny" else mid_teacher)(tmp)]
+            for label, cfg, teacher in runs:
+                row, part = bench(label, cfg, teacher, args.steps_tiny if name == "tiny" else args.steps_mid,
+                                  args.device, args.jax_only)
+                rows.append(row)
+                parts.append(part)
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
     print()
+    if args.jax_only:
+        print_table(rows, ["config", "batch", "px", "jax compile s", "jax step s", "jax img/s", "XLA GFLOP/step",
+                           "jax temp GiB", "jax args GiB"])
+        return
     print_table(rows, ["config", "batch", "px", "jax compile s", "jax step s", "jax img/s", "torch step s",
                        "torch img/s", "torch/jax", "XLA GFLOP/step", "torch-counted GFLOP/step"])
     print()
@@ -285,6 +363,9 @@ def main():
                        "torch/jax (best)", "estimate GFLOP/step"])
     print()
     print_table(parts, ["config", "text", "vae encode", "teacher 2B", "student fwd", "estimate", "step (counted)"])
+    if args.device == "cuda":
+        print()
+        print_table(rows, ["config", "jax MFU %", "torch MFU %", "jax temp GiB", "jax args GiB", "torch peak GiB"])
     print(f"\npeak RSS {peak_rss_gib():.2f} GiB")
 
 

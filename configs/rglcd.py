@@ -8,19 +8,39 @@ Run:
 Variants: tiny (random tiny teacher + a generated image-caption folder, built in the workdir),
 sd15, sd21base, sd21 (the reference hyper-parameters of rglcd.md section 2; teacher and data are
 local folders you pass). Override any key with --config.key=value.
+
+Reward guidance (rglcd.md sections 3-4): append ``,GUIDANCE`` to the variant, e.g.
+    python -m jaxlcd.main --config=configs/rglcd.py:sd21base,hps --workdir=DIR --config.teacher=... \
+        --config.data_dir=... --config.reward.path=/path/to/hpsv2.1_open_clip_folder
+GUIDANCE: hps (HPSv2.1, beta 1.0, the reference run), pickscore, clipscore, imagereward, hps_ir
+(hpsv2.1+0.1*imagereward), lrm (latent proxy RM with HPSv2.1 as its expert; also pass --config.lrm.path).
+With ``tiny`` the reward model and LRM are tiny random models built in the workdir (``tiny,rm``, ``tiny,lrm``).
+Per-RM beta: the cosine rewards (HPSv2.1, PickScore, CLIPScore) vary by ~0.01-0.05 between images, ImageReward's
+normalised score by ~1, so ImageReward gets beta 0.1 and enters sums with weight 0.1. Only HPSv2.1's beta = 1.0
+is the reference's; the others are our starting points, not tuned values.
 """
 import ml_collections
 
 VARIANTS = ("tiny", "sd15", "sd21base", "sd21")
+GUIDANCE = {  # name -> (reward expression, beta, uses the LRM)
+    "": ("", 1.0, False), "hps": ("hpsv2.1", 1.0, False), "pickscore": ("pickscore", 1.0, False),
+    "clipscore": ("clipscore", 1.0, False), "imagereward": ("imagereward", 0.1, False),
+    "hps_ir": ("hpsv2.1+0.1*imagereward", 1.0, False), "lrm": ("hpsv2.1", 1.0, True),
+    "rm": ("clipscore", 1.0, False),   # tiny only: the tiny random CLIP
+}
 VALIDATION_PROMPTS = ("a red circle on a blue background", "a photo of an astronaut riding a horse",
                       "a watercolor painting of a lighthouse at dawn", "a green square next to a yellow triangle")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    arg, _, guidance = arg.partition(",")
     if arg not in VARIANTS:
         raise ValueError(f"unknown config variant {arg!r}; known: {', '.join(VARIANTS)}")
+    if guidance not in GUIDANCE:
+        raise ValueError(f"unknown guidance {guidance!r}; known: {', '.join(g for g in GUIDANCE if g)}")
     c = ml_collections.ConfigDict()
     c.variant = arg
+    c.guidance = guidance
     c.teacher = ""                 # diffusers pipeline folder of the teacher ("" with tiny: built in workdir)
     c.data_dir = ""                # image-caption folder (sidecar .txt or captions.jsonl), prepared on first use
     c.resolution = 512             # training image size (pixels); latents are resolution / 8
@@ -57,6 +77,26 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 1.0        # global-norm clipping of the summed gradient
+
+    expr, beta, use_lrm = GUIDANCE[guidance]
+    c.reward = ml_collections.ConfigDict()
+    c.reward.name = expr           # "" = plain LCD; a registry name or sum ("hpsv2.1+0.1*imagereward"); with an
+    #                                LRM this is its expert (a CLIP-cosine model)
+    c.reward.path = ""             # model folder, or "name=/path,name2=/path2" for a sum ("" with tiny: built)
+    c.reward.beta = beta           # loss = L_CD - beta * mean(reward)
+    c.reward.antialias = True      # False = the reference's non-antialiased bicubic resize to 224
+    c.reward.decode_microbatch = 0  # > 0: VAE-decode that many latents at a time (bounds activation memory)
+    c.reward.allow_pickle = False  # read pickle checkpoints (only if you trust them)
+
+    c.lrm = ml_collections.ConfigDict()
+    c.lrm.enabled = use_lrm        # guide the student with the latent proxy RM instead of the decoded-image RM
+    c.lrm.path = ""                # LatentRewardModel folder (configs/lrm_pretrain.py); "" with tiny: built
+    c.lrm.beta = 1.0               # loss = L_CD - beta * mean(cosine_LRM(pred / sf, c))
+    c.lrm.update = True            # fit the LRM online to the expert's preferences (rglcd.md section 4)
+    c.lrm.learning_rate = 3.3e-6   # AdamW, no clipping
+    c.lrm.weight_decay = 0.0
+    c.lrm.rows = 0                 # examples per step used for the update (0 = the whole batch)
+    c.lrm.freeze = ()              # regexes of LRM param paths kept fixed, e.g. ("text_model", "text_projection")
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1               # -1 fills the remaining devices

@@ -107,17 +107,35 @@ class LCDOutput(NamedTuple):
     x_prev: jax.Array   # [B,h,w,c] teacher CFG DDIM step
 
 
-def lcd_loss(student: Callable, target_net: Callable, teacher: Callable, z0, noise, t_start, t_end, w,
-             ctx, uncond_ctx, abar, kind: str, w_dim: int, loss: str = "huber", huber_c: float = HUBER_C) -> LCDOutput:
-    """The LCD objective of rglcd.md section 2 for one batch.
+class LCDTarget(NamedTuple):
+    z: jax.Array        # [B,h,w,c] noisy latents at t_start (the student's input)
+    w_emb: jax.Array    # [B,w_dim] guidance-scale embedding
+    x_prev: jax.Array   # [B,h,w,c] teacher CFG DDIM step to t_end
+    target: jax.Array   # [B,h,w,c] EMA-target consistency output at t_end (stop-gradient)
 
-    student/target_net(z, t, ctx, w_emb) and teacher(z, t, ctx) return raw UNet outputs; z0 [B,h,w,c]
-    scaled latents; noise like z0; t_start/t_end [B] int; w [B]; ctx/uncond_ctx [B,L,D]; abar [T] float32.
+
+def lcd_target(target_net: Callable, teacher: Callable, z0, noise, t_start, t_end, w, ctx, uncond_ctx, abar,
+               kind: str, w_dim: int) -> LCDTarget:
+    """Everything of the LCD objective that carries no gradient: noisy input, teacher step, EMA target.
+
+    target_net(z, t, ctx, w_emb) and teacher(z, t, ctx) return raw UNet outputs; z0 [B,h,w,c] scaled latents;
+    noise like z0; t_start/t_end [B] int; w [B]; ctx/uncond_ctx [B,L,D]; abar [T] float32.
     """
     z = add_noise(z0, noise, t_start, abar)
     w_emb = guidance_embedding(w, w_dim)
     x_prev = teacher_x_prev(teacher, z, t_start, ctx, uncond_ctx, w, abar, t_end, kind)
-    pred = student_consistency(student, z, t_start, ctx, w_emb, abar, kind)
     target = jax.lax.stop_gradient(student_consistency(target_net, x_prev, t_end, ctx, w_emb, abar, kind))
-    value = pseudo_huber(pred, target, huber_c) if loss == "huber" else l2(pred, target)
-    return LCDOutput(value, pred, target, x_prev)
+    return LCDTarget(z, w_emb, x_prev, target)
+
+
+def cd_distance(pred, target, loss: str = "huber", huber_c: float = HUBER_C):
+    """The consistency distance: pseudo-Huber (``loss="huber"``) or L2, scalar float32."""
+    return pseudo_huber(pred, target, huber_c) if loss == "huber" else l2(pred, target)
+
+
+def lcd_loss(student: Callable, target_net: Callable, teacher: Callable, z0, noise, t_start, t_end, w,
+             ctx, uncond_ctx, abar, kind: str, w_dim: int, loss: str = "huber", huber_c: float = HUBER_C) -> LCDOutput:
+    """The LCD objective of rglcd.md section 2 for one batch (arguments as `lcd_target`; student like target_net)."""
+    tgt = lcd_target(target_net, teacher, z0, noise, t_start, t_end, w, ctx, uncond_ctx, abar, kind, w_dim)
+    pred = student_consistency(student, tgt.z, t_start, ctx, tgt.w_emb, abar, kind)
+    return LCDOutput(cd_distance(pred, tgt.target, loss, huber_c), pred, tgt.target, tgt.x_prev)

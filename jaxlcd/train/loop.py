@@ -20,6 +20,7 @@ from jaxlcd.pipeline import encode_prompts, lcm_generate
 from jaxlcd.sample import make_grid, to_uint8
 from jaxlcd.train import checkpoint, setup
 from jaxlcd.train.step import make_train_step
+from jaxlcd.weights import save_component
 
 log = logging.getLogger("jaxlcd")
 
@@ -82,6 +83,17 @@ def sample_grids(run, cfg, params, out_dir: str, tag: str) -> None:
         Image.fromarray(make_grid(to_uint8(np.asarray(images)))).save(os.path.join(out_dir, f"{tag}_lcm{n}.png"))
 
 
+def device_batch(host_batch: dict, models) -> dict:
+    """The numeric part of a host batch plus the reward models' tokens of its captions."""
+    out = {k: v for k, v in host_batch.items() if k != "caption"}
+    captions = [str(c) for c in host_batch["caption"]]
+    if models.reward is not None:
+        out["reward_tokens"] = models.reward.tokenize(captions)
+    if models.lrm is not None:
+        out["lrm_tokens"] = models.lrm.tokenize(captions)
+    return out
+
+
 def _check_finite(pending, start_step):
     """Raise TrainingError at the first step whose loss or gradient norm was NaN/Inf."""
     for i, m in enumerate(jax.device_get(pending)):
@@ -98,8 +110,9 @@ def train(cfg, workdir: str) -> dict:
     setup.validate_config(cfg, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     teacher_dir, raw_data = setup.resolve_inputs(cfg, workdir)
+    reward_path, lrm_path = setup.resolve_reward_paths(cfg, workdir)
     with cfg.unlocked():
-        cfg.teacher, cfg.data_dir = teacher_dir, raw_data
+        cfg.teacher, cfg.data_dir, cfg.reward.path, cfg.lrm.path = teacher_dir, raw_data, reward_path, lrm_path
     checkpoint.save_config(workdir, cfg)
     mesh = parallel.make_mesh(dict(cfg.mesh))
     log.info("mesh: %s", parallel.describe(mesh))
@@ -124,7 +137,7 @@ def train(cfg, workdir: str) -> dict:
         log.info("resumed from the checkpoint at step %d", start)
 
     batch_sharding = parallel.batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(run.models, cfg.lcd, run.tx, run.abar),
+    step_fn = jax.jit(make_train_step(run.models, cfg.lcd, run.tx, run.abar, cfg.reward, cfg.lrm),
                       in_shardings=(run.state_shardings, run.frozen_shardings, batch_sharding),
                       out_shardings=(run.state_shardings, parallel.replicated(mesh)), donate_argnums=0)
     writer, stopper = MetricWriter(workdir), _StopFlag()
@@ -134,7 +147,7 @@ def train(cfg, workdir: str) -> dict:
     step = start
     try:
         while step < cfg.total_steps and not stopper.stop:
-            batch = parallel.global_batch({k: v for k, v in next(it).items() if k != "caption"}, mesh)
+            batch = parallel.global_batch(device_batch(next(it), run.models), mesh)
             state, metrics = step_fn(state, run.frozen, batch)
             pending.append(metrics)
             step += 1
@@ -172,5 +185,7 @@ def train(cfg, workdir: str) -> dict:
             out = os.path.join(workdir, "export", name)
             if not os.path.isdir(out):
                 export_student_pipeline(out, teacher_dir, run.models.student, jax.device_get(params), export_dtype)
+        if state.lrm_params is not None:
+            save_component(run.models.lrm.module, jax.device_get(state.lrm_params), os.path.join(workdir, "export", "lrm"))
         log.info("exported the student and its EMA target to %s", os.path.join(workdir, "export"))
     return last

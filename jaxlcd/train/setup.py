@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from jaxlcd import parallel
 from jaxlcd.export import add_cond_proj
 from jaxlcd.pipeline import check_pipeline_dir, encode_prompts, load_pipeline
+from jaxlcd.rewards import load_reward, parse_reward_expression
+from jaxlcd.rewards.lrm import load_lrm, make_lrm_optimizer
 from jaxlcd.train import tiny
 from jaxlcd.train.state import TrainState, create_state, make_optimizer
 from jaxlcd.train.step import StepModels
@@ -58,6 +60,34 @@ def validate_config(cfg, num_devices: int) -> None:
             raise ConfigValueError(f"config.{key}={cfg[key]!r} does not exist")
     if cfg.teacher:
         check_pipeline_dir(cfg.teacher)
+    _validate_guidance(cfg)
+
+
+def _validate_guidance(cfg) -> None:
+    r, lrm = cfg.reward, cfg.lrm
+    if r.name:
+        parse_reward_expression(r.name)  # RewardError (a ValueError) names an unknown model
+    if r.beta < 0 or lrm.beta < 0:
+        raise ConfigValueError(f"reward.beta={r.beta} and lrm.beta={lrm.beta} must be >= 0")
+    if r.decode_microbatch < 0 or (r.decode_microbatch and cfg.per_device_batch % r.decode_microbatch):
+        raise ConfigValueError(f"reward.decode_microbatch={r.decode_microbatch} must be 0 or divide "
+                               f"per_device_batch={cfg.per_device_batch}")
+    if lrm.enabled and lrm.update and not r.name:
+        raise ConfigValueError("lrm.update=True fits the LRM to an expert reward model: set reward.name "
+                               "(e.g. hpsv2.1) and reward.path, or pass --config.lrm.update=False")
+    if lrm.enabled and lrm.update and "+" in r.name:
+        raise ConfigValueError(f"the LRM's expert must be one CLIP-cosine model, not the sum {r.name!r}")
+    if lrm.rows < 0:
+        raise ConfigValueError(f"lrm.rows={lrm.rows} must be >= 0 (0 = the whole batch)")
+    if cfg.variant != "tiny":
+        if r.name and not r.path:
+            raise ConfigValueError(f"reward.name={r.name!r} needs reward.path (the model folder)")
+        if lrm.enabled and not lrm.path:
+            raise ConfigValueError("lrm.enabled needs lrm.path (a LatentRewardModel folder, see configs/lrm_pretrain.py)")
+    paths = [p.split("=", 1)[-1] for p in r.path.split(",")] if r.path else []
+    for key, path in [("reward.path", p) for p in paths] + [("lrm.path", lrm.path)]:
+        if path and not os.path.exists(os.path.expanduser(path)):
+            raise ConfigValueError(f"config.{key}: {path!r} does not exist")
 
 
 def resolve_inputs(cfg, workdir: str) -> tuple[str, str]:
@@ -75,6 +105,21 @@ def resolve_inputs(cfg, workdir: str) -> tuple[str, str]:
             if not os.path.isdir(data):
                 write_tiny_folder(data, n=32, resolution=cfg.resolution, seed=cfg.seed)
     return os.path.abspath(teacher), os.path.abspath(data)
+
+
+def resolve_reward_paths(cfg, workdir: str) -> tuple[str, str]:
+    """(reward path, LRM path); the tiny variant builds a tiny random CLIP / LRM in the workdir once."""
+    reward, lrm = cfg.reward.path, cfg.lrm.path
+    if cfg.variant == "tiny":
+        if cfg.reward.name and not reward:
+            reward = os.path.join(workdir, "tiny_reward")
+            if not os.path.isfile(os.path.join(reward, "config.json")):
+                tiny.write_reward_folder(reward, seed=cfg.seed + 2)
+        if cfg.lrm.enabled and not lrm:
+            lrm = os.path.join(workdir, "tiny_lrm")
+            if not os.path.isfile(os.path.join(lrm, "config.json")):
+                tiny.write_lrm_folder(lrm, cfg.resolution // 8, seed=cfg.seed + 3)
+    return reward, lrm
 
 
 @dataclasses.dataclass
@@ -100,14 +145,27 @@ def build_run(cfg, teacher_dir: str, mesh) -> Run:
     student, student_params = add_cond_proj(pipe.unet, pipe.unet_params, cfg.lcd.w_embedding_dim,
                                             jax.random.PRNGKey(cfg.seed + 1), cfg.lcd.zero_init_cond_proj)
     as_dtype = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
+    r = cfg.reward
+    reward = load_reward(r.name, r.path, dtype=dtype, antialias=r.antialias, allow_pickle=r.allow_pickle) \
+        if r.name else None
+    lrm = load_lrm(cfg.lrm.path, dtype=dtype, allow_pickle=r.allow_pickle) if cfg.lrm.enabled else None
+    lrm_tx = make_lrm_optimizer(lrm.params, cfg.lrm.learning_rate, cfg.lrm.weight_decay, tuple(cfg.lrm.freeze)) \
+        if lrm is not None and cfg.lrm.update else None
+    if lrm_tx is not None and not reward.logit_scale > 0:
+        raise ConfigValueError(f"the LRM's expert {r.name!r} has no CLIP logit scale; use hpsv2.1, pickscore "
+                               "or clipscore")
     models = StepModels(student=student.clone(dtype=dtype, remat=cfg.remat),
                         teacher=pipe.unet.clone(dtype=dtype), vae=pipe.vae.clone(dtype=dtype),
-                        text=pipe.text_encoder.clone(dtype=dtype), prediction_type=kind)
+                        text=pipe.text_encoder.clone(dtype=dtype), prediction_type=kind,
+                        reward=reward, lrm=lrm, lrm_tx=lrm_tx)
     frozen = {"teacher": as_dtype(pipe.unet_params), "vae": as_dtype(pipe.vae_params),
               "text": as_dtype(pipe.text_params), "uncond_ctx": encode_prompts(pipe, [""])}
+    if reward is not None:
+        frozen["reward"] = as_dtype(reward.params)
     tx = make_optimizer(cfg.optim)
-    init = lambda p: create_state(p, tx, cfg.seed)
-    state, state_shardings = parallel.init_sharded(init, mesh, parallel.FSDP_RULES, student_params)
+    init = lambda p, lp: create_state(p, tx, cfg.seed, lp, lrm_tx)
+    state, state_shardings = parallel.init_sharded(init, mesh, parallel.FSDP_RULES, student_params,
+                                                   lrm.params if lrm is not None else None)
     frozen_rules = parallel.FSDP_RULES if cfg.shard_frozen == "fsdp" else parallel.REPLICATE_RULES
     frozen_shardings = parallel.param_shardings(jax.eval_shape(lambda: frozen), mesh, frozen_rules)
     frozen = jax.device_put(frozen, frozen_shardings)

@@ -37,9 +37,13 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
 
 
-def create_state(student_params, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """Step 0: the EMA target starts equal to the student (float32 copies)."""
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), student_params)
+def create_state(student_params, tx: optax.GradientTransformation, seed: int, lrm_params=None,
+                 lrm_tx: Optional[optax.GradientTransformation] = None) -> TrainState:
+    """Step 0: the EMA target starts equal to the student (float32 copies); the LRM (if any) in float32."""
+    f32 = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), tree)
+    params = f32(student_params)
+    lrm = f32(lrm_params) if lrm_params is not None else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       target_params=jax.tree_util.tree_map(jnp.copy, params), opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed))
+                      rng=jax.random.PRNGKey(seed), lrm_params=lrm,
+                      lrm_opt_state=lrm_tx.init(lrm) if lrm_tx is not None else None)

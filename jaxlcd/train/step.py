@@ -1,12 +1,13 @@
-"""THE compiled training step: latent consistency distillation (rglcd.md section 2).
+"""THE compiled training step: (reward-guided) latent consistency distillation (rglcd.md sections 2-4).
 
-One pure function of (state, frozen params, batch) -> (state, metrics). The reward term and the LRM
-update (section 3, 4) slot in where marked. Jit it with the state donated (see `train.loop`).
+One pure function of (state, frozen params, batch) -> (state, metrics). Jit it with the state donated (see
+`train.loop`). The student's gradient is one pull-back through the student of the summed latent-space
+gradient dL_CD/dpred - beta * dR/dpred, so both terms cost one student backward and their sizes can be logged.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,10 @@ import optax
 
 from jaxlcd.diffusion import consistency as cm
 from jaxlcd.diffusion import schedule
+from jaxlcd.diffusion.samplers import decode_to_images
 from jaxlcd.models import vae as vae_lib
+from jaxlcd.rewards.base import RewardModel
+from jaxlcd.rewards.lrm import LatentReward, pairwise_preference_loss
 from jaxlcd.train.state import TrainState
 
 
@@ -26,6 +30,26 @@ class StepModels:
     vae: Any            # AutoencoderKL
     text: Any           # CLIPTextModel
     prediction_type: str
+    reward: Optional[RewardModel] = None   # direct guidance, or the LRM's expert when ``lrm`` is set
+    lrm: Optional[LatentReward] = None     # latent proxy RM guiding the student (params in the state)
+    lrm_tx: Any = None                     # its optimizer (None: the LRM stays fixed)
+
+
+def decode_images(vae, vae_params, latents, microbatch: int = 0):
+    """Scaled latents [B,h,w,c] -> images [B,H,W,3] float32 in [0,1], decoder rematerialised in the backward.
+
+    ``microbatch`` > 0 decodes that many latents at a time (lax.map), bounding the decoder's activations.
+    """
+    decode = jax.checkpoint(lambda z: decode_to_images(
+        lambda x: vae.apply({"params": vae_params}, x.astype(vae.dtype), method=vae.decode),
+        z, vae.config.scaling_factor, vae.config.shift_factor or 0.0))
+    b = latents.shape[0]
+    if not microbatch or microbatch >= b:
+        return decode(latents)
+    if b % microbatch:
+        raise ValueError(f"reward.decode_microbatch={microbatch} must divide the per-step batch {b}")
+    chunks = latents.reshape((b // microbatch, microbatch) + latents.shape[1:])
+    return jax.lax.map(decode, chunks).reshape((b,) + chunks.shape[2:-1] + (3,))
 
 
 def step_keys(rng, step):
@@ -33,12 +57,22 @@ def step_keys(rng, step):
     return jax.random.split(jax.random.fold_in(rng, step), 4)
 
 
-def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, abar) -> Callable:
+def _rows(tree, n: int, copies: int = 1):
+    """The first n rows of every leaf, repeated ``copies`` times along the batch axis."""
+    return jax.tree_util.tree_map(lambda x: jnp.concatenate([x[:n]] * copies), tree)
+
+
+def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, abar, reward_cfg=None,
+                    lrm_cfg=None) -> Callable:
     """Build ``train_step(state, frozen, batch) -> (state, metrics)``.
 
-    frozen: {"teacher", "vae", "text": params (compute dtype), "uncond_ctx": [1,77,D] embedding of ""}.
-    batch: {"pixels" [B,H,W,3] in [-1,1] | "moments" [B,h,w,2c]} and {"input_ids" [B,77] int32 | "ctx" [B,77,D]}.
-    lcd: the config's ``lcd`` section; abar: alphas_cumprod [T] float32.
+    frozen: {"teacher", "vae", "text": params (compute dtype), "uncond_ctx": [1,77,D] embedding of "",
+             "reward": reward-model params when ``models.reward`` is set}.
+    batch: {"pixels" [B,H,W,3] in [-1,1] | "moments" [B,h,w,2c]}, {"input_ids" [B,77] int32 | "ctx" [B,77,D]},
+           with a reward model {"reward_tokens": models.reward.tokenize(captions)}, with an LRM
+           {"lrm_tokens": models.lrm.tokenize(captions)}.
+    lcd / reward_cfg / lrm_cfg: the config's ``lcd``, ``reward`` (beta, decode_microbatch) and ``lrm``
+    (beta, rows) sections; abar: alphas_cumprod [T] float32.
     """
     m = models
     num_train = abar.shape[0]
@@ -69,14 +103,29 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
         noise = jax.random.normal(k_noise, z0.shape, jnp.float32)
         w = jax.random.uniform(k_w, (b,), jnp.float32, lcd.w_min, lcd.w_max)
 
-        # ---- consistency loss (+ reward term: issue 6) and its gradient ----
-        def loss_fn(params):
-            out = cm.lcd_loss(unet_fn(m.student, params), unet_fn(m.student, state.target_params),
-                              unet_fn(m.teacher, frozen["teacher"]), z0, noise, t_start, t_end, w, ctx, uncond,
-                              abar, m.prediction_type, lcd.w_embedding_dim, lcd.loss, lcd.huber_c)
-            return out.loss, out
+        # ---- teacher CFG step and EMA target (no gradient) ----
+        tgt = cm.lcd_target(unet_fn(m.student, state.target_params), unet_fn(m.teacher, frozen["teacher"]),
+                            z0, noise, t_start, t_end, w, ctx, uncond, abar, m.prediction_type, lcd.w_embedding_dim)
 
-        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        # ---- student prediction; CD loss and reward, each differentiated w.r.t. pred ----
+        pred, pull_back = jax.vjp(lambda p: cm.student_consistency(
+            unet_fn(m.student, p), tgt.z, t_start, ctx, tgt.w_emb, abar, m.prediction_type), state.params)
+        loss_cd, g_cd = jax.value_and_grad(lambda x: cm.cd_distance(x, tgt.target, lcd.loss, lcd.huber_c))(pred)
+        metrics = {"loss_cd": loss_cd, "grad_cd_latent_norm": jnp.linalg.norm(g_cd)}
+        loss, g_pred = loss_cd, g_cd
+        unscale = lambda x: vae_lib.unscale_latents(x, m.vae.config)
+        if m.lrm is not None:   # the LRM scores latents: no decode, no expert in the student's gradient path
+            beta, lrm_text = lrm_cfg.beta, m.lrm.text_features(state.lrm_params, batch["lrm_tokens"])
+            mean_reward = lambda x: jnp.mean(m.lrm.cosine(state.lrm_params, unscale(x), lrm_text))
+        elif m.reward is not None:
+            beta, text = reward_cfg.beta, m.reward.text_features(frozen["reward"], batch["reward_tokens"])
+            mean_reward = lambda x: jnp.mean(m.reward.score_images(
+                frozen["reward"], decode_images(m.vae, frozen["vae"], x, reward_cfg.decode_microbatch), text))
+        if m.lrm is not None or m.reward is not None:
+            reward, g_r = jax.value_and_grad(mean_reward)(pred)
+            loss, g_pred = loss_cd - beta * reward, g_cd - beta * g_r
+            metrics.update(reward=reward, grad_reward_latent_norm=beta * jnp.linalg.norm(g_r))
+        (grads,) = pull_back(g_pred)
         grad_norm = optax.global_norm(grads)
 
         # ---- optimiser (clip + AdamW) and EMA target ----
@@ -85,12 +134,32 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
         mu = lcd.ema_decay
         target = jax.tree_util.tree_map(lambda t, p: mu * t + (1.0 - mu) * p, state.target_params, params)
 
-        metrics = {"loss": loss, "lr": opt_state[1].hyperparams["learning_rate"], "loss_cd": loss, "grad_norm": grad_norm, "w_mean": jnp.mean(w),
-                   "t_start_mean": jnp.mean(t_start.astype(jnp.float32)),
-                   "pred_target_mse": jnp.mean((out.pred - out.target) ** 2),
-                   # the update too: a finite loss can still step the params to Inf
-                   "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))}
+        metrics.update(loss=loss, lr=opt_state[1].hyperparams["learning_rate"], grad_norm=grad_norm,
+                       w_mean=jnp.mean(w), t_start_mean=jnp.mean(t_start.astype(jnp.float32)),
+                       pred_target_mse=jnp.mean((pred - tgt.target) ** 2),
+                       # the update too: a finite loss can still step the params to Inf
+                       finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates)))
         new_state = state.replace(step=state.step + 1, params=params, target_params=target, opt_state=opt_state)
+
+        # ---- online LRM update from the expert's preferences over [pred, target, real latent] ----
+        if m.lrm is not None and m.lrm_tx is not None:
+            n = lrm_cfg.rows or b
+            zs = jax.lax.stop_gradient(jnp.concatenate([pred[:n], tgt.target[:n], z0[:n]]))   # [3n,h,w,c]
+            images = decode_images(m.vae, frozen["vae"], zs, reward_cfg.decode_microbatch)
+            expert_text = _rows(m.reward.text_features(frozen["reward"], _rows(batch["reward_tokens"], n)), n, 3)
+            expert = jax.lax.stop_gradient(
+                m.reward.score_images(frozen["reward"], images, expert_text) * m.reward.logit_scale).reshape(3, n)
+
+            def lrm_loss(lp):
+                text = _rows(m.lrm.text_features(lp, _rows(batch["lrm_tokens"], n)), n, 3)
+                return pairwise_preference_loss(expert, m.lrm.logits(lp, unscale(zs), text).reshape(3, n))
+
+            (l_lrm, acc), g_lrm = jax.value_and_grad(lrm_loss, has_aux=True)(state.lrm_params)
+            upd, lrm_opt_state = m.lrm_tx.update(g_lrm, state.lrm_opt_state, state.lrm_params)
+            new_state = new_state.replace(lrm_params=optax.apply_updates(state.lrm_params, upd),
+                                          lrm_opt_state=lrm_opt_state)
+            metrics.update(lrm_loss=l_lrm, lrm_accuracy=acc, expert_logit_mean=jnp.mean(expert),
+                           finite=metrics["finite"] & jnp.isfinite(l_lrm))
         return new_state, metrics
 
     return train_step

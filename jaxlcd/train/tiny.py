@@ -10,7 +10,7 @@ import os
 
 import jax
 
-from jaxlcd.models import clip_text, unet, vae
+from jaxlcd.models import clip, clip_text, lrm, unet, vae
 from jaxlcd.tokenizer import build_clip_tokenizer_files
 from jaxlcd.weights import save_component
 
@@ -60,3 +60,37 @@ def write_teacher_folder(out_dir: str, seed: int = 0, unet_config: dict = TINY_U
         "scheduler": ["diffusers", scheduler_config["_class_name"]], "safety_checker": [None, None],
         "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False})
     return out_dir
+
+
+TINY_CLIP = {  # a tiny transformers CLIPModel: the tiny variant's reward model (and LRM expert)
+    "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": 16, "logit_scale_init_value": 2.6592,
+    "text_config": {k: v for k, v in TINY_TEXT.items() if k not in ("architectures", "model_type")},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "image_size": 32, "patch_size": 8, "num_channels": 3, "hidden_act": "quick_gelu"}}
+
+
+def tiny_lrm_config(latent_size: int) -> dict:
+    """A tiny latent_vit LRM over [latent_size, latent_size, 4] latents (patch 2) with a tiny text tower."""
+    return {"architectures": ["LatentRewardModel"], "arch": "latent_vit", "projection_dim": 16,
+            "text_config": dict(TINY_CLIP["text_config"], hidden_act="gelu"),
+            "vision_config": {"num_channels": 4, "image_size": latent_size, "patch_size": 2, "hidden_size": 32,
+                              "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                              "hidden_act": "gelu"}}
+
+
+def _write_random(out_dir: str, family, config: dict, seed: int) -> str:
+    module = family.build(config)
+    params = jax.jit(module.init)(jax.random.PRNGKey(seed), *family.SPEC.dummy_inputs(module))["params"]
+    save_component(module, params, out_dir)
+    build_clip_tokenizer_files(out_dir if family is clip else os.path.join(out_dir, "tokenizer"))
+    return out_dir
+
+
+def write_reward_folder(out_dir: str, seed: int = 0) -> str:
+    """A random tiny CLIPModel folder (+ tokenizer files) usable as ``load_reward("clipscore", out_dir)``."""
+    return _write_random(out_dir, clip, TINY_CLIP, seed)
+
+
+def write_lrm_folder(out_dir: str, latent_size: int, seed: int = 0) -> str:
+    """A random tiny LRM folder usable as ``load_lrm(out_dir)``."""
+    return _write_random(out_dir, lrm, tiny_lrm_config(latent_size), seed)
