@@ -1,6 +1,7 @@
 """Train an LCM student by (reward-guided) latent consistency distillation.
 
     python -m jaxlcd.main --config=configs/rglcd.py:tiny --workdir=/tmp/run [--config.key=value ...]
+    python -m jaxlcd.main --config=configs/lrm_pretrain.py:tiny --workdir=/tmp/lrm   # LRM pretraining
 
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
@@ -29,7 +30,12 @@ def main(argv):
     from jaxlcd.train import loop  # after flag parsing: keeps --help fast
 
     try:
-        loop.train(FLAGS.config, FLAGS.workdir)
+        if FLAGS.config.get("job") == "lrm_pretrain":
+            from jaxlcd.train.lrm_pretrain import pretrain
+
+            pretrain(FLAGS.config, FLAGS.workdir)
+        else:
+            loop.train(FLAGS.config, FLAGS.workdir)
     except (ValueError, loop.TrainingError) as e:  # config, pipeline, weights and data errors are ValueErrors
         print(f"jaxlcd.main: error: {e}", file=sys.stderr)
         sys.exit(2)

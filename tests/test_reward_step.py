@@ -149,3 +149,32 @@ def test_tiny_rg_lcd_run_trains_checkpoints_and_resumes(folders, guidance, tmp_p
     if guidance == "lrm":
         assert all("lrm_loss" in r for r in rows)
         assert os.path.isfile(tmp_path / "export" / "lrm" / "model.safetensors")
+
+
+def test_clip_loss_equals_hand_computation():
+    from jaxlcd.train.lrm_pretrain import clip_loss
+
+    rng = np.random.default_rng(0)
+    img, txt = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+    img, txt = img / np.linalg.norm(img, axis=1, keepdims=True), txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    logits = 10.0 * img @ txt.T
+    ce = lambda lg: -np.mean(np.diag(lg) - np.log(np.exp(lg).sum(1)))
+    loss, acc = clip_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32), 10.0)
+    np.testing.assert_allclose(float(loss), (ce(logits) + ce(logits.T)) / 2, rtol=1e-5)
+    assert float(acc) == pytest.approx(np.mean(np.argmax(logits, 1) == np.arange(3)))
+
+
+def test_lrm_pretraining_tiny_run_writes_a_loadable_lrm(folders, tmp_path):
+    from jaxlcd.train.lrm_pretrain import pretrain
+
+    spec = importlib.util.spec_from_file_location("lrm_config", os.path.join(REPO, "configs", "lrm_pretrain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config("tiny")
+    cfg.teacher, cfg.data_dir, cfg.total_steps, cfg.per_device_batch, cfg.log_every = (
+        folders["teacher"], folders["data"], 4, 1, 2)   # global batch 8 on the 8 simulated devices
+    last = pretrain(cfg, str(tmp_path))
+    assert np.isfinite(last["loss"]) and last["loss"] > 0
+    lrm = load_lrm(str(tmp_path / "lrm"))
+    assert lrm.module.config.vision_config.image_size == 8
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [2, 4]

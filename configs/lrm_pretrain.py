@@ -1,0 +1,45 @@
+"""Contrastive pretraining of the latent proxy reward model (LRM) on (latent, caption) pairs.
+
+Run:
+    python -m jaxlcd.main --config=configs/lrm_pretrain.py:tiny --workdir=/tmp/lrm_tiny          # minutes on a CPU
+    python -m jaxlcd.main --config=configs/lrm_pretrain.py:sd21base --workdir=DIR \\
+        --config.teacher=/path/to/stable-diffusion-2-1-base --config.data_dir=/path/to/image_caption_folder
+
+The result, DIR/lrm, is what `configs/rglcd.py:...,lrm` takes as --config.lrm.path. Latents are the teacher VAE's
+posterior samples of the training images (unscaled, 4 x resolution/8 x resolution/8), so the LRM must be pretrained
+with the same VAE and resolution as the distillation. Reference run (rglcd.md section 4): latent_rn50, lr 5e-4,
+batch 480, 32 epochs; set total_steps = 32 * images / 480 for your dataset.
+"""
+import ml_collections
+
+VARIANTS = ("tiny", "sd15", "sd21base", "sd21")
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    if arg not in VARIANTS:
+        raise ValueError(f"unknown config variant {arg!r}; known: {', '.join(VARIANTS)}")
+    c = ml_collections.ConfigDict()
+    c.job = "lrm_pretrain"
+    c.variant = arg
+    c.teacher = ""               # diffusers pipeline folder (its VAE makes the latents; "" with tiny: built)
+    c.data_dir = ""              # image-caption folder ("" with tiny: generated)
+    c.arch = "latent_rn50"       # latent_rn50 | latent_vit | tiny (a tiny latent_vit)
+    c.init = ""                  # start from this LRM folder instead of a random init
+    c.resolution = 512           # image size; the LRM's latent size is resolution / 8
+    c.per_device_batch = 60      # 480 on 8 devices, the reference batch
+    c.total_steps = 10_000
+    c.learning_rate = 5e-4       # AdamW (b2 0.98, eps 1e-6, as CLIP), linear warmup then cosine decay
+    c.warmup_steps = 500
+    c.weight_decay = 0.2
+    c.random_crop = False
+    c.random_flip = False
+    c.log_every = 10
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.seed = 0
+    if arg == "tiny":
+        c.arch, c.resolution, c.per_device_batch, c.total_steps = "tiny", 64, 8, 20
+        c.warmup_steps, c.log_every, c.checkpoint_every, c.learning_rate = 5, 5, 10, 1e-3
+    elif arg == "sd21":
+        c.resolution = 768
+    return c

@@ -1,0 +1,143 @@
+"""Contrastive pretraining of the latent proxy reward model on (latent, caption) pairs (rglcd.md section 4).
+
+Latents come from the teacher's VAE (posterior sample of each training image, unscaled, as the LRM sees them in
+RG-LCD); the loss is CLIP's symmetric InfoNCE over the batch with the LRM's learned temperature (capped at 100).
+Resumable like the LCD trainer (orbax checkpoints + data-iterator state); the result is an LRM folder
+``<workdir>/lrm`` (config.json + model.safetensors + tokenizer) for ``--config.lrm.path``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from jaxlcd import data as data_lib
+from jaxlcd import parallel
+from jaxlcd.models import lrm as lrm_lib
+from jaxlcd.models import vae as vae_lib
+from jaxlcd.pipeline import load_pipeline
+from jaxlcd.rewards.lrm import LatentReward
+from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
+from jaxlcd.train import checkpoint, tiny
+from jaxlcd.weights import load_component, save_component
+
+log = logging.getLogger("jaxlcd")
+MAX_LOGIT_SCALE = 100.0
+
+
+def clip_loss(img, txt, scale):
+    """img, txt [B,P] L2-normalised, scale scalar -> (symmetric cross-entropy, image->text top-1 accuracy)."""
+    logits = scale * img @ txt.T
+    labels = jnp.arange(img.shape[0])
+    ce = lambda lg: optax.softmax_cross_entropy_with_integer_labels(lg, labels).mean()
+    return (ce(logits) + ce(logits.T)) / 2, jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
+def make_pretrain_step(module: lrm_lib.LatentRewardModel, vae, tx):
+    """``step(state {"step","params","opt_state","rng"}, vae_params, batch) -> (state, metrics)``."""
+
+    def step(state, vae_params, batch):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        moments = vae.apply({"params": vae_params}, batch["pixels"], method=vae.encode)
+        latents = jax.lax.stop_gradient(vae_lib.latent_dist_sample(moments, key).astype(jnp.float32))
+
+        def loss_fn(p):
+            img, txt = module.apply({"params": p}, latents, batch["lrm_tokens"]["input_ids"])
+            scale = jnp.minimum(jnp.exp(p["logit_scale"].astype(jnp.float32)), MAX_LOGIT_SCALE)
+            return clip_loss(img, txt, scale)
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
+                   opt_state=opt_state)
+        return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads),
+                     "logit_scale": jnp.exp(state["params"]["logit_scale"])}
+
+    return step
+
+
+def _initial_lrm(cfg, workdir: str, latent_size: int):
+    """(module, params): from cfg.init (an LRM folder) or freshly initialised from cfg.arch at this latent size."""
+    if cfg.init:
+        return load_component(cfg.init)
+    if cfg.arch == "tiny":
+        config = tiny.tiny_lrm_config(latent_size)
+    else:
+        vision = dict(lrm_lib.LATENT_VIT if cfg.arch == "latent_vit" else lrm_lib.LATENT_RN50, image_size=latent_size)
+        config = {"architectures": ["LatentRewardModel"], "arch": cfg.arch, "vision_config": vision}
+    module = lrm_lib.build(config)
+    params = jax.jit(module.init)(jax.random.PRNGKey(cfg.seed), *lrm_lib.dummy_inputs(module))["params"]
+    return module, params
+
+
+def pretrain(cfg, workdir: str) -> dict:
+    """Run (or resume) LRM pretraining in ``workdir``; returns the last logged metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    teacher, raw = cfg.teacher, cfg.data_dir
+    if cfg.variant == "tiny":
+        teacher = teacher or tiny.write_teacher_folder(os.path.join(workdir, "tiny_teacher"), seed=cfg.seed)
+        if not raw:
+            raw = os.path.join(workdir, "tiny_data")
+            if not os.path.isdir(raw):
+                data_lib.write_tiny_folder(raw, n=32, resolution=cfg.resolution, seed=cfg.seed)
+    for key, path in (("teacher", teacher), ("data_dir", raw)):
+        if not path or not os.path.isdir(path):
+            raise ValueError(f"config.{key}={path!r} is not a folder; pass --config.{key}=/path")
+    pipe = load_pipeline(teacher)
+    module, params = _initial_lrm(cfg, workdir, cfg.resolution // 8)
+    tok_dir = build_clip_tokenizer_files(os.path.join(workdir, "lrm_tokenizer"))
+    lrm = LatentReward(module, params, load_tokenizer(tok_dir))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.total_steps - 1),
+                                                  cfg.total_steps)
+    tx = optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=cfg.weight_decay)
+    state = {"step": jnp.zeros((), jnp.int32), "params": jax.tree_util.tree_map(jnp.asarray, params),
+             "opt_state": tx.init(params), "rng": jax.random.PRNGKey(cfg.seed)}
+
+    global_batch = cfg.per_device_batch * jax.device_count()
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    prepared = os.path.join(workdir, "data")
+    data_lib.prepare_folder_dataset(raw, prepared)
+    it = data_lib.make_train_iterator(prepared, tokenizer=pipe.tokenizer, resolution=cfg.resolution,
+                                      batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,
+                                      random_crop=cfg.random_crop, random_flip=cfg.random_flip)
+    ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        state, data_state = ckpt.restore(start, checkpoint.abstract_like(
+            state, jax.tree_util.tree_map(lambda x: x.sharding, state)))
+        it.set_state(data_state)
+        log.info("resumed LRM pretraining from step %d", start)
+    step_fn = jax.jit(make_pretrain_step(module, pipe.vae, tx), donate_argnums=0)
+    last, metrics_file = {}, open(os.path.join(workdir, "metrics.jsonl"), "a")
+    bar = tqdm(total=cfg.total_steps, initial=start, desc="lrm pretrain", unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start + 1, cfg.total_steps + 1):
+            host = next(it)
+            batch = {"pixels": host["pixels"], "lrm_tokens": lrm.tokenize([str(c) for c in host["caption"]])}
+            state, metrics = step_fn(state, pipe.vae_params, parallel.global_batch(batch, mesh))
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not np.isfinite(last["loss"]):
+                    raise ValueError(f"the LRM pretraining loss became {last['loss']} at step {step}; lower "
+                                     "learning_rate and rerun (the last checkpoint is untouched)")
+                metrics_file.write(json.dumps({"step": step, **last}) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{last['loss']:.4g}", acc=f"{last['accuracy']:.2f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+                ckpt.save(step, state, json.loads(it.get_state()))
+    finally:
+        bar.close()
+        ckpt.close()
+        metrics_file.close()
+    out = os.path.join(workdir, "lrm")
+    save_component(module, jax.device_get(state["params"]), out)
+    build_clip_tokenizer_files(os.path.join(out, "tokenizer"))
+    log.info("saved the pretrained LRM to %s (use --config.lrm.path=%s)", out, out)
+    return last
