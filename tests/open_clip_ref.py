@@ -3,7 +3,8 @@
 open-clip-torch is installed with --no-deps: its torchvision requirement would pull a CUDA torch, and
 the PyPI torchvision wheels do not load against the CPU torch build. open_clip uses torchvision only for
 image transforms and FrozenBatchNorm2d, neither of which the model code under test touches, so those
-names are stubbed with placeholders that raise if called.
+names are stubbed with placeholders that raise if called, only while open_clip is imported: afterwards the stub
+leaves sys.modules again, so other libraries (diffusers, transformers) still see that torchvision is absent.
 """
 import importlib
 import sys
@@ -16,15 +17,23 @@ def _placeholder(name):
     return type(name, (), {"__init__": fail})
 
 
-def _install_torchvision_stub():
-    # transformers asks importlib whether torchvision exists; let it see the truth before the stub goes in.
+def _stub_keys():
+    return [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]
+
+
+def _install_torchvision_stub() -> bool:
+    """Put a torchvision stub in sys.modules unless a working torchvision exists; True if the stub went in."""
+    # open_clip imports transformers, which asks importlib whether torchvision exists (find_spec fails on a stub):
+    # let transformers and diffusers see the truth before the stub goes in.
     from transformers.utils import import_utils
+    importlib.import_module("diffusers")
+
     import_utils.is_torchvision_available()
     try:
         importlib.import_module("torchvision")
-        return
+        return False
     except Exception:
-        for key in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+        for key in _stub_keys():
             del sys.modules[key]
     names = {
         "torchvision": [], "torchvision.transforms": [
@@ -44,9 +53,16 @@ def _install_torchvision_stub():
     sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
     sys.modules["torchvision"].ops = sys.modules["torchvision.ops"]
     sys.modules["torchvision.ops"].misc = sys.modules["torchvision.ops.misc"]
+    return True
 
 
-_install_torchvision_stub()
+_stubbed = _install_torchvision_stub()
 import open_clip  # noqa: E402
+import open_clip.modified_resnet  # noqa: E402,F401
+import open_clip.tokenizer  # noqa: E402,F401
+
+if _stubbed:
+    for _key in _stub_keys():
+        del sys.modules[_key]
 
 __all__ = ["open_clip"]
