@@ -81,6 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--inputs", nargs="+", default=["pixels"], choices=["pixels", "moments"],
                    help="pixels: [B,512,512,3] through the VAE encoder; moments: pre-encoded [B,64,64,8]")
     p.add_argument("--no-remat", dest="remat", action="store_false", help="student UNet without remat")
+    p.add_argument("--reward", default="none", choices=["none", "vit-h14"],
+                   help="add the direct reward term with an OpenCLIP ViT-H/14-sized reward model (HPSv2.1's shape)")
     p.add_argument("--topology", default="v5e:2x4", help="get_topology_desc topology_name, e.g. v5e:2x4, v5e:2x2")
     p.add_argument("--fsdp", type=int, default=0, help="fsdp axis size (default: all chips; data = the rest)")
     p.add_argument("--resolution", type=int, default=0, help="image size (default 512, 256 with --small)")
@@ -114,7 +116,21 @@ def n_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def build_models(small: bool, remat: bool, dtype=jnp.bfloat16):
+def abstract_reward(small: bool, dtype):
+    """(RewardModel over abstract params, abstract params in ``dtype``): ViT-H/14 (HPSv2.1), or 2 layers with --small."""
+    from jaxlcd.models import clip
+    from jaxlcd.rewards.convert import OPEN_CLIP_CONFIGS
+    from jaxlcd.rewards.registry import clip_cosine_reward
+
+    oc = OPEN_CLIP_CONFIGS["ViT-H-14"]
+    if small:
+        oc = dict(oc, vision_cfg=dict(oc["vision_cfg"], layers=2), text_cfg=dict(oc["text_cfg"], layers=2))
+    module = clip.build(clip.hf_config_from_open_clip(oc), dtype=dtype, remat=True)
+    params = as_dtype(abstract_params(clip.SPEC, module), dtype)
+    return clip_cosine_reward("hpsv2.1", module, params, tokenize=None), params
+
+
+def build_models(small: bool, remat: bool, dtype=jnp.bfloat16, reward: str = "none"):
     """(StepModels, abstract student params f32, abstract frozen tree in ``dtype``, abar, sizes)."""
     from jaxlcd.diffusion import schedule
     from jaxlcd.models import clip_text, unet, vae
@@ -134,8 +150,12 @@ def build_models(small: bool, remat: bool, dtype=jnp.bfloat16):
     sizes = {"student_M": n_params(student_params) / 1e6, "teacher_M": n_params(frozen["teacher"]) / 1e6,
              "vae_M": n_params(frozen["vae"]) / 1e6, "text_M": n_params(frozen["text"]) / 1e6}
     abar = jnp.asarray(schedule.alphas_cumprod(SD_SCHEDULER), jnp.float32)
+    rm = None
+    if reward != "none":
+        rm, frozen["reward"] = abstract_reward(small, dtype)
+        sizes["reward_M"] = n_params(frozen["reward"]) / 1e6
     models = StepModels(student=student, teacher=teacher, vae=vae_m, text=text_m,
-                        prediction_type=schedule.prediction_type(SD_SCHEDULER))
+                        prediction_type=schedule.prediction_type(SD_SCHEDULER), reward=rm)
     return models, student_params, frozen, abar, sizes, tcfg["hidden_size"]
 
 
@@ -179,7 +199,7 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
     import rglcd  # configs/rglcd.py
 
-    cfg = rglcd.get_config("sd21base")
+    cfg = rglcd.get_config("sd21base,hps" if models.reward is not None else "sd21base")
     tx = make_optimizer(cfg.optim)
     abstract_state = jax.eval_shape(lambda p: create_state(p, tx, cfg.seed), student_params)
     state_sh = parallel.param_shardings(abstract_state, mesh, parallel.FSDP_RULES)
@@ -194,9 +214,11 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
         f = 8
         batch = {"moments": jax.ShapeDtypeStruct((b, resolution // f, resolution // f, 8), jnp.float32)}
     batch["input_ids"] = jax.ShapeDtypeStruct((b, 77), jnp.int32)
-    batch_sh = {k: parallel.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+    if models.reward is not None:
+        batch["reward_tokens"] = {"input_ids": jax.ShapeDtypeStruct((b, 77), jnp.int32)}
+    batch_sh = jax.tree.map(lambda v: parallel.batch_sharding(mesh, v.ndim), batch)
 
-    step = make_train_step(models, cfg.lcd, tx, abar)
+    step = make_train_step(models, cfg.lcd, tx, abar, cfg.reward, cfg.lrm)
     jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                      out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
     t0 = time.perf_counter()
@@ -215,6 +237,7 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     cost = cost or {}
     row = {
         "per_chip_batch": per_chip_batch, "global_batch": b, "frozen": frozen_mode, "inputs": inputs,
+        "reward": "none" if models.reward is None else "vit-h14",
         "remat": remat, "resolution": resolution,
         "args_gib": get("argument_size_in_bytes"), "output_gib": get("output_size_in_bytes"),
         "temp_gib": get("temp_size_in_bytes"), "alias_gib": get("alias_size_in_bytes"),
@@ -230,12 +253,12 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     return row
 
 
-COLUMNS = ["per-chip batch", "inputs", "frozen", "remat", "args GiB", "temp GiB", "out GiB", "alias GiB", "total GiB",
+COLUMNS = ["per-chip batch", "inputs", "reward", "frozen", "remat", "args GiB", "temp GiB", "out GiB", "alias GiB", "total GiB",
            "fits 16 GiB", "TFLOP/step/chip", "compile s"]
 
 
 def table_row(r: dict, hbm: float) -> list:
-    return [r["per_chip_batch"], r["inputs"], r["frozen"], "on" if r["remat"] else "off", f"{r['args_gib']:.2f}",
+    return [r["per_chip_batch"], r["inputs"], r.get("reward", "none"), r["frozen"], "on" if r["remat"] else "off", f"{r['args_gib']:.2f}",
             f"{r['temp_gib']:.2f}", f"{r['output_gib']:.2f}", f"{r['alias_gib']:.2f}", f"{r['total_gib']:.2f}",
             "yes" if r["total_gib"] <= hbm else "no", f"{r['tflop_per_chip']:.2f}", f"{r['compile_s']:.0f}"]
 
@@ -266,7 +289,7 @@ def main(argv=None) -> None:
             libtpu_version = "?"
     mesh, devices = topology_mesh(args.topology, args.fsdp)
     hbm = hbm_gib(devices[0].device_kind, args.topology)
-    models, student_params, frozen, abar, sizes, ctx_dim = build_models(args.small, args.remat)
+    models, student_params, frozen, abar, sizes, ctx_dim = build_models(args.small, args.remat, reward=args.reward)
     meta = {"topology": args.topology, "device_kind": devices[0].device_kind, "chips": len(devices),
             "mesh": dict(mesh.shape), "hbm_gib_per_chip": hbm, "small": args.small, "resolution": resolution,
             "jax": jax.__version__, "libtpu": libtpu_version, "host": f"{platform.machine()}, {os.cpu_count()} cores",

@@ -58,6 +58,12 @@ def _clip_cosine(name: str, path: str, dtype, antialias: bool, allow_pickle: boo
     from jaxlcd.tokenizer import tokenize
 
     module, params, tok, length = _clip_model(path, dtype, allow_pickle)
+    return clip_cosine_reward(name, module, params, lambda prompts: {"input_ids": tokenize(tok, prompts, length)},
+                              antialias)
+
+
+def clip_cosine_reward(name: str, module, params, tokenize, antialias: bool = True) -> RewardModel:
+    """cosine(image, text) of a `jaxlcd.models.clip.CLIPModel` as a RewardModel (params may be abstract)."""
     size = module.config.vision_config.image_size
 
     def encode_text(p, tokens):
@@ -69,8 +75,9 @@ def _clip_cosine(name: str, path: str, dtype, antialias: bool, allow_pickle: boo
                          method=module.get_image_features).astype(jnp.float32)
         return jnp.sum(f / jnp.linalg.norm(f, axis=-1, keepdims=True) * text, axis=-1)
 
-    return RewardModel(name, params, lambda prompts: {"input_ids": tokenize(tok, prompts, length)},
-                       encode_text, score_images, float(np.exp(np.asarray(params["logit_scale"], np.float64))))
+    scale = params["logit_scale"]
+    scale = float(np.exp(np.asarray(scale, np.float64))) if isinstance(scale, (np.ndarray, jnp.ndarray)) else 100.0
+    return RewardModel(name, params, tokenize, encode_text, score_images, scale)
 
 
 def _aesthetic(name: str, path: str, dtype, antialias: bool, allow_pickle: bool) -> RewardModel:
