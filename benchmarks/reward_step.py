@@ -41,17 +41,6 @@ def mid_lrm(latent: int) -> dict:
                               "hidden_act": "gelu"}}
 
 
-def write(out_dir: str, family, config: dict, tokenizer_dir: str) -> str:
-    from jaxlcd.tokenizer import build_clip_tokenizer_files
-    from jaxlcd.weights import save_component
-
-    module = family.build(config)
-    params = jax.jit(module.init)(jax.random.PRNGKey(0), *family.SPEC.dummy_inputs(module))["params"]
-    save_component(module, params, out_dir)
-    build_clip_tokenizer_files(os.path.join(out_dir, tokenizer_dir))
-    return out_dir
-
-
 def time_step(cfg, teacher: str, steps: int) -> dict:
     from jaxlcd import parallel
     from jaxlcd.pipeline import load_tokenizer, tokenize
@@ -98,8 +87,9 @@ def main():
                 lrm_dir = tiny.write_lrm_folder(os.path.join(tmp, "tiny_lrm"), cfg0.resolution // 8)
             else:
                 cfg0, teacher = mid_teacher(tmp)
-                reward = write(os.path.join(tmp, "mid_reward"), clip, MID_CLIP, "")
-                lrm_dir = write(os.path.join(tmp, "mid_lrm"), lrm, mid_lrm(cfg0.resolution // 8), "tokenizer")
+                reward = tiny.write_random_component(os.path.join(tmp, "mid_reward"), clip, MID_CLIP)
+                lrm_dir = tiny.write_random_component(os.path.join(tmp, "mid_lrm"), lrm, mid_lrm(cfg0.resolution // 8),
+                                                     tokenizer_dir="tokenizer")
             base = None
             for guidance in ("", "rm", "lrm"):
                 cfg = get_config(f"tiny,{guidance}" if guidance else "tiny") if name == "tiny" else \

@@ -10,6 +10,19 @@ import pytest
 import torch
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(variant: str, file: str = "rglcd.py"):
+    """``configs/<file>``'s get_config(variant) (the configs folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"config_{file[:-3]}", os.path.join(REPO, "configs", file))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
 def rel_err(a, b) -> float:
     """Relative L2 error ||a - b|| / ||b|| in float64."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

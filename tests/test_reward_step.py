@@ -1,5 +1,4 @@
 """Reward guidance inside the compiled step: reward gradient, the LRM's preference loss and freezing, tiny RG-LCD runs."""
-import importlib.util
 import json
 import os
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import load_config
 from jaxlcd import data as data_lib
 from jaxlcd import parallel
 from jaxlcd.models import lrm as lrm_lib
@@ -18,15 +18,7 @@ from jaxlcd.rewards.lrm import load_lrm, make_lrm_optimizer, pairwise_preference
 from jaxlcd.train import loop, setup, tiny
 from jaxlcd.train.step import decode_images, make_train_step
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red circle", "a blue square on a green background"]
-
-
-def get_config(variant):
-    spec = importlib.util.spec_from_file_location("rglcd_config", os.path.join(REPO, "configs", "rglcd.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +89,7 @@ def test_reward_gradient_matches_finite_difference(folders):
 
 
 def _run(folders, guidance, **overrides):
-    cfg = get_config(f"tiny,{guidance}")
+    cfg = load_config(f"tiny,{guidance}")
     cfg.teacher, cfg.data_dir, cfg.reward.path, cfg.lrm.path = (folders["teacher"], folders["data"],
                                                                folders["reward"], folders["lrm"])
     cfg.per_device_batch = 2
@@ -135,7 +127,7 @@ def test_lrm_step_updates_the_lrm_and_respects_freezing(folders):
 @pytest.mark.slow
 @pytest.mark.parametrize("guidance", ["rm", "lrm"])
 def test_tiny_rg_lcd_run_trains_checkpoints_and_resumes(folders, guidance, tmp_path):
-    cfg = get_config(f"tiny,{guidance}")
+    cfg = load_config(f"tiny,{guidance}")
     cfg.teacher, cfg.data_dir, cfg.reward.path, cfg.lrm.path = (folders["teacher"], folders["data"],
                                                                folders["reward"], folders["lrm"])
     cfg.per_device_batch, cfg.total_steps, cfg.checkpoint_every, cfg.log_every = 1, 2, 1, 1
@@ -167,10 +159,7 @@ def test_clip_loss_equals_hand_computation():
 def test_lrm_pretraining_tiny_run_writes_a_loadable_lrm(folders, tmp_path):
     from jaxlcd.train.lrm_pretrain import pretrain
 
-    spec = importlib.util.spec_from_file_location("lrm_config", os.path.join(REPO, "configs", "lrm_pretrain.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config("tiny")
+    cfg = load_config("tiny", "lrm_pretrain.py")
     cfg.teacher, cfg.data_dir, cfg.total_steps, cfg.per_device_batch, cfg.log_every = (
         folders["teacher"], folders["data"], 4, 1, 2)   # global batch 8 on the 8 simulated devices
     last = pretrain(cfg, str(tmp_path))

@@ -1,5 +1,4 @@
 """The tiny trainer end to end: train, checkpoint, crash + resume, SIGTERM, NaN stop, export, sharded step."""
-import importlib.util
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import pytest
 import torch
 from jax.sharding import PartitionSpec as P
 
+from conftest import load_config
 from jaxlcd import parallel
 from jaxlcd import data as data_lib
 from jaxlcd.export import main as export_main
@@ -26,10 +26,7 @@ STEPS = 4
 
 
 def get_config(variant="tiny"):
-    spec = importlib.util.spec_from_file_location("rglcd_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config(variant)
 
 
 @pytest.fixture(scope="module")

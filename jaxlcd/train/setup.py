@@ -157,7 +157,9 @@ def build_run(cfg, teacher_dir: str, mesh) -> Run:
     models = StepModels(student=student.clone(dtype=dtype, remat=cfg.remat),
                         teacher=pipe.unet.clone(dtype=dtype), vae=pipe.vae.clone(dtype=dtype),
                         text=pipe.text_encoder.clone(dtype=dtype), prediction_type=kind,
-                        reward=reward, lrm=lrm, lrm_tx=lrm_tx)
+                        # params travel as frozen / state arguments; the models keep only their functions
+                        reward=dataclasses.replace(reward, params=None) if reward is not None else None,
+                        lrm=dataclasses.replace(lrm, params=None) if lrm is not None else None, lrm_tx=lrm_tx)
     frozen = {"teacher": as_dtype(pipe.unet_params), "vae": as_dtype(pipe.vae_params),
               "text": as_dtype(pipe.text_params), "uncond_ctx": encode_prompts(pipe, [""])}
     if reward is not None:

@@ -119,7 +119,8 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
             mean_reward = lambda x: jnp.mean(m.lrm.cosine(state.lrm_params, unscale(x), lrm_text))
         elif m.reward is not None:
             beta, text = reward_cfg.beta, m.reward.text_features(frozen["reward"], batch["reward_tokens"])
-            mean_reward = lambda x: jnp.mean(m.reward.score_images(
+            score = jax.checkpoint(m.reward.score_images)   # the RM image tower is rematerialised too
+            mean_reward = lambda x: jnp.mean(score(
                 frozen["reward"], decode_images(m.vae, frozen["vae"], x, reward_cfg.decode_microbatch), text))
         if m.lrm is not None or m.reward is not None:
             reward, g_r = jax.value_and_grad(mean_reward)(pred)

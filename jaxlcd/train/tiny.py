@@ -78,19 +78,21 @@ def tiny_lrm_config(latent_size: int) -> dict:
                               "hidden_act": "gelu"}}
 
 
-def _write_random(out_dir: str, family, config: dict, seed: int) -> str:
+def write_random_component(out_dir: str, family, config: dict, seed: int = 0, tokenizer_dir: str = "") -> str:
+    """A random-init model folder of ``family`` (a jaxlcd.models module with build/SPEC) + CLIP tokenizer files
+    in ``out_dir/tokenizer_dir``."""
     module = family.build(config)
     params = jax.jit(module.init)(jax.random.PRNGKey(seed), *family.SPEC.dummy_inputs(module))["params"]
     save_component(module, params, out_dir)
-    build_clip_tokenizer_files(out_dir if family is clip else os.path.join(out_dir, "tokenizer"))
+    build_clip_tokenizer_files(os.path.join(out_dir, tokenizer_dir))
     return out_dir
 
 
 def write_reward_folder(out_dir: str, seed: int = 0) -> str:
     """A random tiny CLIPModel folder (+ tokenizer files) usable as ``load_reward("clipscore", out_dir)``."""
-    return _write_random(out_dir, clip, TINY_CLIP, seed)
+    return write_random_component(out_dir, clip, TINY_CLIP, seed)
 
 
 def write_lrm_folder(out_dir: str, latent_size: int, seed: int = 0) -> str:
     """A random tiny LRM folder usable as ``load_lrm(out_dir)``."""
-    return _write_random(out_dir, lrm, tiny_lrm_config(latent_size), seed)
+    return write_random_component(out_dir, lrm, tiny_lrm_config(latent_size), seed, "tokenizer")
