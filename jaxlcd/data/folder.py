@@ -167,17 +167,20 @@ def _no_usable_message(src_dir: str, skipped: Counter) -> str:
             '{"file": ..., "caption": ...} lines')
 
 
-def version_dir(data_dir: str) -> str:
+def version_dir(data_dir: str, builder_name: str = BUILDER_NAME) -> str:
     """The prepared dataset folder (the one holding dataset_info.json) for ``data_dir``, which may be
-    the ``out_dir`` given to `prepare_folder_dataset` or that folder itself. Raises ValueError if none."""
+    the ``out_dir`` given to `prepare_folder_dataset` or that folder itself; ``builder_name`` picks
+    another builder's dataset in ``out_dir`` (e.g. ``"shapes"``, see `jaxlcd.data.shapes`). The newest
+    version is taken. Raises ValueError if none."""
     if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
         return data_dir
-    root = os.path.join(data_dir, BUILDER_NAME)
+    root = os.path.join(data_dir, builder_name)
     versions = [v for v in (os.listdir(root) if os.path.isdir(root) else [])  # not "incomplete.*" leftovers
                 if re.fullmatch(r"\d+\.\d+\.\d+", v) and os.path.isfile(os.path.join(root, v, "dataset_info.json"))]
     if not versions:
-        raise ValueError(f"no prepared dataset in {data_dir!r}: run "
-                         "jaxlcd.data.prepare_folder_dataset(src_dir, out_dir) and pass out_dir")
+        prepare = ("prepare_folder_dataset(src_dir, out_dir)" if builder_name == BUILDER_NAME
+                   else f"prepare_{builder_name}_dataset(out_dir, ...)")
+        raise ValueError(f"no prepared dataset in {data_dir!r}: run jaxlcd.data.{prepare} and pass out_dir")
     return os.path.join(root, max(versions, key=tfds.core.Version))
 
 
