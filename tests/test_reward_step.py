@@ -167,3 +167,21 @@ def test_lrm_pretraining_tiny_run_writes_a_loadable_lrm(folders, tmp_path):
     lrm = load_lrm(str(tmp_path / "lrm"))
     assert lrm.module.config.vision_config.image_size == 8
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [2, 4]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"reward.name": "hps"}, "unknown reward model 'hps'; known: aesthetic, clipscore, hpsv2.1"),
+    ({"reward.name": "clipscore", "reward.beta": -1.0}, "must be >= 0"),
+    ({"reward.name": "clipscore", "reward.decode_microbatch": 3}, "must be 0 or divide per_device_batch=2"),
+    ({"lrm.enabled": True, "reward.name": ""}, "lrm.update=True fits the LRM to an expert reward model"),
+    ({"lrm.enabled": True, "reward.name": "clipscore+imagereward"}, "must be one CLIP-cosine model"),
+    ({"reward.name": "clipscore", "reward.path": "/nowhere/clip"}, "config.reward.path: '/nowhere/clip' does not exist"),
+])
+def test_bad_guidance_config_is_one_clear_sentence(folders, overrides, message):
+    cfg = load_config("tiny")
+    cfg.teacher, cfg.data_dir = folders["teacher"], folders["data"]
+    for key, value in overrides.items():
+        section, leaf = key.split(".")
+        cfg[section][leaf] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        setup.validate_config(cfg, 1)
