@@ -8,6 +8,7 @@ expert RM's preferences over [pred, target, real latent] with
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any, Sequence
 
@@ -88,8 +89,6 @@ def make_lrm_optimizer(params, learning_rate: float, weight_decay: float = 0.0,
 
 def load_lrm(path: str, *, dtype=jnp.float32, allow_pickle: bool = False) -> LatentReward:
     """An LRM folder (config.json ``LatentRewardModel`` + model.safetensors; CLIP tokenizer files optional)."""
-    import os
-
     from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
     from jaxlcd.weights import load_component
 
