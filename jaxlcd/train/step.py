@@ -48,8 +48,8 @@ def decode_images(vae, vae_params, latents, microbatch: int = 0):
         return decode(latents)
     if b % microbatch:
         raise ValueError(f"reward.decode_microbatch={microbatch} must divide the per-step batch {b}")
-    chunks = latents.reshape((b // microbatch, microbatch) + latents.shape[1:])
-    return jax.lax.map(decode, chunks).reshape((b,) + chunks.shape[2:-1] + (3,))
+    images = jax.lax.map(decode, latents.reshape((b // microbatch, microbatch) + latents.shape[1:]))
+    return images.reshape((b,) + images.shape[2:])
 
 
 def step_keys(rng, step):
