@@ -115,7 +115,7 @@ def test_direct_reward_term_in_the_step(folders):
 
 
 def test_lrm_step_updates_the_lrm_and_respects_freezing(folders):
-    _, run, state0, state, m = _run(folders, "lrm", learning_rate=1e-3, freeze=("text_model",))
+    _, run, state0, state, m = _run(folders, "lrm", learning_rate=1e-3, freeze=("text_model",), rows=1)
     assert m["finite"] and 0.0 <= m["lrm_accuracy"] <= 1.0 and m["lrm_loss"] >= 0 and m["grad_reward_latent_norm"] > 0
     flat0 = traverse_util.flatten_dict(jax.device_get(state0.lrm_params))
     flat1 = traverse_util.flatten_dict(jax.device_get(state.lrm_params))

@@ -196,3 +196,15 @@ def test_bad_names_and_paths(hf_clip):
         load_reward("clipscore", "/nowhere/clip")
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         load_reward("clipscore", hf_clip[1])(IMAGES, PROMPTS[:1])
+
+
+def test_converter_checks_head_and_imagereward_inputs(tmp_path):
+    head = tmp_path / "head.pth"
+    torch.save({"weight": torch.zeros(1, 16), "bias": torch.zeros(1)}, head)
+    assert convert_cli.main([str(head), str(tmp_path / "a"), "--kind", "aesthetic_head", "--allow-pickle"]) == 0
+    assert (tmp_path / "a" / "aesthetic_head.safetensors").is_file()
+    torch.save({"linear.weight": torch.zeros(1, 16)}, head)
+    with pytest.raises(ValueError, match="exactly 'weight' and 'bias'"):
+        convert_cli.convert(str(head), str(tmp_path / "b"), "aesthetic_head", allow_pickle=True)
+    with pytest.raises(ValueError, match="needs --med-config"):
+        convert_cli.convert(str(head), str(tmp_path / "c"), "imagereward", allow_pickle=True)
