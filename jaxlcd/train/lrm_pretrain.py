@@ -2,20 +2,17 @@
 
 Latents come from the teacher's VAE (posterior sample of each training image, unscaled, as the LRM sees them in
 RG-LCD); the loss is CLIP's symmetric InfoNCE over the batch with the LRM's learned temperature (capped at 100).
-Resumable like the LCD trainer (orbax checkpoints + data-iterator state); the result is an LRM folder
+Resumable (`train.simple_loop`: orbax checkpoints + data-iterator state); the result is an LRM folder
 ``<workdir>/lrm`` (config.json + model.safetensors + tokenizer) for ``--config.lrm.path``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from tqdm import tqdm
 
 from jaxlcd import data as data_lib
 from jaxlcd import parallel
@@ -24,7 +21,8 @@ from jaxlcd.models import vae as vae_lib
 from jaxlcd.pipeline import load_pipeline
 from jaxlcd.rewards.lrm import LatentReward
 from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
-from jaxlcd.train import checkpoint, tiny
+from jaxlcd.train import tiny
+from jaxlcd.train.simple_loop import run_loop
 from jaxlcd.weights import load_component, save_component
 
 log = logging.getLogger("jaxlcd")
@@ -106,36 +104,10 @@ def pretrain(cfg, workdir: str) -> dict:
     it = data_lib.make_train_iterator(prepared, tokenizer=pipe.tokenizer, resolution=cfg.resolution,
                                       batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,
                                       random_crop=cfg.random_crop, random_flip=cfg.random_flip)
-    ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        state, data_state = ckpt.restore(start, checkpoint.abstract_like(
-            state, jax.tree_util.tree_map(lambda x: x.sharding, state)))
-        it.set_state(data_state)
-        log.info("resumed LRM pretraining from step %d", start)
-    step_fn = jax.jit(make_pretrain_step(module, pipe.vae, tx), donate_argnums=0)
-    last, metrics_file = {}, open(os.path.join(workdir, "metrics.jsonl"), "a")
-    bar = tqdm(total=cfg.total_steps, initial=start, desc="lrm pretrain", unit="step", dynamic_ncols=True)
-    try:
-        for step in range(start + 1, cfg.total_steps + 1):
-            host = next(it)
-            batch = {"pixels": host["pixels"], "lrm_tokens": lrm.tokenize([str(c) for c in host["caption"]])}
-            state, metrics = step_fn(state, pipe.vae_params, parallel.global_batch(batch, mesh))
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.total_steps:
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not np.isfinite(last["loss"]):
-                    raise ValueError(f"the LRM pretraining loss became {last['loss']} at step {step}; lower "
-                                     "learning_rate and rerun (the last checkpoint is untouched)")
-                metrics_file.write(json.dumps({"step": step, **last}) + "\n")
-                metrics_file.flush()
-                bar.set_postfix(loss=f"{last['loss']:.4g}", acc=f"{last['accuracy']:.2f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-                ckpt.save(step, state, json.loads(it.get_state()))
-    finally:
-        bar.close()
-        ckpt.close()
-        metrics_file.close()
+    step_fn = make_pretrain_step(module, pipe.vae, tx)
+    make_batch = lambda host: parallel.global_batch(
+        {"pixels": host["pixels"], "lrm_tokens": lrm.tokenize([str(c) for c in host["caption"]])}, mesh)
+    state, last = run_loop(workdir, cfg, state, step_fn, pipe.vae_params, it, make_batch, "lrm pretrain")
     out = os.path.join(workdir, "lrm")
     save_component(module, jax.device_get(state["params"]), out)
     build_clip_tokenizer_files(os.path.join(out, "tokenizer"))

@@ -1,0 +1,52 @@
+"""A resumable loop for the small trainers (LRM pretraining, the demo world's models): one jitted step per batch,
+progress bar, ``metrics.jsonl``, orbax checkpoints with the data-iterator state, a NaN stop."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxlcd.train import checkpoint
+
+
+def run_loop(workdir: str, cfg, state: Any, step_fn: Callable, frozen: Any, iterator, make_batch: Callable,
+             desc: str) -> tuple:
+    """Train ``state`` for ``cfg.total_steps`` steps; rerunning in the same workdir resumes.
+
+    step_fn(state, frozen, batch) -> (state, metrics dict of scalars) (jitted here, state donated; ``frozen``:
+    params that do not train, passed as arguments rather than baked into the executable);
+    iterator: a `jaxlcd.data.TrainIterator` (host batches, checkpointable); make_batch(host batch) -> device batch.
+    cfg supplies total_steps, log_every, checkpoint_every, keep_checkpoints. Returns (state, last logged metrics).
+    """
+    ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        state, data_state = ckpt.restore(start, checkpoint.abstract_like(
+            state, jax.tree_util.tree_map(lambda x: x.sharding, state)))
+        iterator.set_state(data_state)
+    step_fn = jax.jit(step_fn, donate_argnums=0)
+    last, metrics_file = {}, open(os.path.join(workdir, "metrics.jsonl"), "a")
+    bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start + 1, cfg.total_steps + 1):
+            state, metrics = step_fn(state, frozen, make_batch(next(iterator)))
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not np.isfinite(last["loss"]):
+                    raise ValueError(f"{desc}: the loss became {last['loss']} at step {step}; lower the learning "
+                                     "rate and rerun (the last checkpoint is untouched)")
+                metrics_file.write(json.dumps({"step": step, **last}) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{last['loss']:.4g}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+                ckpt.save(step, state, json.loads(iterator.get_state()))
+    finally:
+        bar.close()
+        ckpt.close()
+        metrics_file.close()
+    return state, last
