@@ -2,6 +2,7 @@
 
     python -m jaxlcd.main --config=configs/rglcd.py:tiny --workdir=/tmp/run [--config.key=value ...]
     python -m jaxlcd.main --config=configs/lrm_pretrain.py:tiny --workdir=/tmp/lrm   # LRM pretraining
+    python -m jaxlcd.main --config=configs/demo_vae.py --workdir=/tmp/vae            # the demo world's VAE
 
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
@@ -30,10 +31,15 @@ def main(argv):
     from jaxlcd.train import loop  # after flag parsing: keeps --help fast
 
     try:
-        if FLAGS.config.get("job") == "lrm_pretrain":
+        job = FLAGS.config.get("job", "rglcd")
+        if job == "lrm_pretrain":
             from jaxlcd.train.lrm_pretrain import pretrain
 
             pretrain(FLAGS.config, FLAGS.workdir)
+        elif job == "vae":
+            from jaxlcd.train.vae_train import train_vae
+
+            train_vae(FLAGS.config, FLAGS.workdir)
         else:
             loop.train(FLAGS.config, FLAGS.workdir)
     except (ValueError, loop.TrainingError) as e:  # config, pipeline, weights and data errors are ValueErrors

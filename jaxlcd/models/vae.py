@@ -236,6 +236,13 @@ class AutoencoderKL(nn.Module):
 # Latent distribution and scaling (pure functions)
 # ----------------------------------------------------------------------------------------------
 
+def latent_kl(moments):
+    """KL(posterior || N(0, I)) per example: moments [B,...,2C] -> [B] float32 (summed over latent elements)."""
+    mean, logvar = _mean_logvar(moments)
+    kl = 0.5 * (mean * mean + jnp.exp(logvar) - 1.0 - logvar)
+    return jnp.sum(kl.reshape(kl.shape[0], -1), axis=-1)
+
+
 def _mean_logvar(moments):
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
     return mean, jnp.clip(logvar, *LOGVAR_CLIP)

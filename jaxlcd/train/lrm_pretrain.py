@@ -107,7 +107,7 @@ def pretrain(cfg, workdir: str) -> dict:
     step_fn = make_pretrain_step(module, pipe.vae, tx)
     make_batch = lambda host: parallel.global_batch(
         {"pixels": host["pixels"], "lrm_tokens": lrm.tokenize([str(c) for c in host["caption"]])}, mesh)
-    state, last = run_loop(workdir, cfg, state, step_fn, pipe.vae_params, it, make_batch, "lrm pretrain")
+    state, last = run_loop(workdir, cfg, mesh, state, step_fn, pipe.vae_params, it, make_batch, "lrm pretrain")
     out = os.path.join(workdir, "lrm")
     save_component(module, jax.device_get(state["params"]), out)
     build_clip_tokenizer_files(os.path.join(out, "tokenizer"))

@@ -10,18 +10,21 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from jaxlcd import parallel
 from jaxlcd.train import checkpoint
 
 
-def run_loop(workdir: str, cfg, state: Any, step_fn: Callable, frozen: Any, iterator, make_batch: Callable,
+def run_loop(workdir: str, cfg, mesh, state: Any, step_fn: Callable, frozen: Any, iterator, make_batch: Callable,
              desc: str) -> tuple:
     """Train ``state`` for ``cfg.total_steps`` steps; rerunning in the same workdir resumes.
 
     step_fn(state, frozen, batch) -> (state, metrics dict of scalars) (jitted here, state donated; ``frozen``:
     params that do not train, passed as arguments rather than baked into the executable);
     iterator: a `jaxlcd.data.TrainIterator` (host batches, checkpointable); make_batch(host batch) -> device batch.
-    cfg supplies total_steps, log_every, checkpoint_every, keep_checkpoints. Returns (state, last logged metrics).
+    cfg supplies total_steps, log_every, checkpoint_every, keep_checkpoints. State and frozen params are replicated
+    over ``mesh`` (these models are small; the batch is split over it). Returns (state, last logged metrics).
     """
+    state, frozen = jax.device_put((state, frozen), parallel.replicated(mesh))  # as the step's outputs: no recompile
     ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:

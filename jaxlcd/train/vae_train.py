@@ -1,0 +1,84 @@
+"""Train an AutoencoderKL (the demo world's VAE, f = 8) from scratch on an image dataset.
+
+Loss = mean squared reconstruction error + kl_weight * KL(posterior || N(0, I)) per latent element. After training,
+``scaling_factor`` = 1 / std of the latents of a few training batches (the Stable Diffusion convention), so the
+diffusion latents have unit variance. The result is a diffusers ``vae/`` folder at ``<workdir>/vae``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlcd import data as data_lib
+from jaxlcd import parallel
+from jaxlcd.data.folder import version_dir
+from jaxlcd.models import vae as vae_lib
+from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
+from jaxlcd.train.simple_loop import run_loop
+from jaxlcd.weights import save_component
+
+log = logging.getLogger("jaxlcd")
+
+
+def vae_loss(vae, params, pixels, rng, kl_weight: float):
+    """pixels [B,H,W,3] in [-1,1] -> (loss, {"mse", "kl"}) float32 scalars."""
+    moments = vae.apply({"params": params}, pixels, method=vae.encode)
+    rec = vae.apply({"params": params}, vae_lib.latent_dist_sample(moments, rng), method=vae.decode)
+    mse = jnp.mean((rec.astype(jnp.float32) - pixels) ** 2)
+    kl = jnp.mean(vae_lib.latent_kl(moments)) / (moments.size // moments.shape[0] // 2)
+    return mse + kl_weight * kl, {"mse": mse, "kl": kl}
+
+
+def make_vae_step(vae, tx, kl_weight: float):
+    """``step(state {"step","params","opt_state","rng"}, frozen (unused), batch {"pixels"}) -> (state, metrics)``."""
+
+    def step(state, frozen, batch):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        (loss, parts), grads = jax.value_and_grad(
+            lambda p: vae_loss(vae, p, batch["pixels"], key, kl_weight), has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return (dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
+                     opt_state=opt_state), {"loss": loss, **parts, "grad_norm": optax.global_norm(grads)})
+
+    return step
+
+
+def latent_scaling_factor(vae, params, batches) -> float:
+    """1 / std of the posterior means over ``batches`` of pixels [B,H,W,3] (Stable Diffusion's convention)."""
+    encode = jax.jit(lambda x: vae_lib.latent_dist_mode(vae.apply({"params": params}, x, method=vae.encode)))
+    z = np.concatenate([np.asarray(encode(b)).ravel() for b in batches])
+    return float(1.0 / z.std())
+
+
+def train_vae(cfg, workdir: str) -> dict:
+    """Train (or resume) the VAE on the shapes dataset; writes ``<workdir>/vae``. Returns the last metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    data_lib.prepare_shapes_dataset(os.path.join(workdir, "data"), num_examples=cfg.num_examples,
+                                    resolution=cfg.resolution, seed=cfg.seed)
+    tok = load_tokenizer(build_clip_tokenizer_files(os.path.join(workdir, "tokenizer")))
+    batch = cfg.per_device_batch * jax.device_count()
+    it = data_lib.make_train_iterator(version_dir(os.path.join(workdir, "data"), "shapes"), tokenizer=tok,
+                                      resolution=cfg.resolution, batch_size_per_host=batch // jax.process_count(),
+                                      seed=cfg.seed)
+    vae = vae_lib.build(dict(cfg.vae))
+    params = jax.jit(vae.init)(jax.random.PRNGKey(cfg.seed), *vae_lib.SPEC.dummy_inputs(vae))["params"]
+    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps),
+                     weight_decay=cfg.weight_decay)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+             "rng": jax.random.PRNGKey(cfg.seed + 1)}
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    make_batch = lambda host: parallel.global_batch({"pixels": host["pixels"]}, mesh)
+    state, last = run_loop(workdir, cfg, mesh, state, make_vae_step(vae, tx, cfg.kl_weight), None, it, make_batch, "vae")
+    params = jax.device_get(state["params"])
+    sf = latent_scaling_factor(vae, params, [next(it)["pixels"] for _ in range(4)])
+    vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=sf))
+    save_component(vae, params, os.path.join(workdir, "vae"))
+    log.info("saved the VAE to %s (scaling_factor %.4f, last mse %.4g)", os.path.join(workdir, "vae"), sf,
+             last.get("mse", float("nan")))
+    return dict(last, scaling_factor=sf)
