@@ -37,6 +37,7 @@ def run_loop(workdir: str, cfg, mesh, state: Any, step_fn: Callable, frozen: Any
     try:
         for step in range(start + 1, cfg.total_steps + 1):
             state, metrics = step_fn(state, frozen, make_batch(next(iterator)))
+            jax.block_until_ready(metrics["loss"])  # an honest rate/ETA (async dispatch would run ahead of the device)
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.total_steps:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
