@@ -109,6 +109,13 @@ def _scan(src_dir: str, skipped: Counter) -> list[tuple[str, str]]:
     return kept
 
 
+def image_caption_features() -> tfds.features.FeaturesDict:
+    """The features of every jaxlcd image-caption builder: encoded ``image`` bytes (passed through unchanged),
+    ``caption`` and ``file`` text."""
+    return tfds.features.FeaturesDict({"image": tfds.features.Image(), "caption": tfds.features.Text(),
+                                       "file": tfds.features.Text()})
+
+
 class FolderCaptions(tfds.core.GeneratorBasedBuilder):
     """tfds builder over a pre-scanned list of (image path, caption); use `prepare_folder_dataset`.
 
@@ -129,11 +136,7 @@ class FolderCaptions(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"Captioned images from the local folder {self._src_dir}.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(),  # bytes pass through unchanged (jpg/png/webp)
-                "caption": tfds.features.Text(),
-                "file": tfds.features.Text(),
-            }),
+            features=image_caption_features(),
             metadata=tfds.core.MetadataDict(),
         )
 

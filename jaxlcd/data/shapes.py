@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
-from jaxlcd.data.folder import version_dir
+from jaxlcd.data.folder import image_caption_features, version_dir
 
 log = logging.getLogger(__name__)
 
@@ -294,11 +294,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="Procedural shapes scenes (jaxlcd demo world), held-out (shape, colour) pairs excluded.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(),
-                "caption": tfds.features.Text(),
-                "file": tfds.features.Text(),
-            }),
+            features=image_caption_features(),
             metadata=tfds.core.MetadataDict(),
         )
 
