@@ -208,3 +208,25 @@ def test_converter_checks_head_and_imagereward_inputs(tmp_path):
         convert_cli.convert(str(head), str(tmp_path / "b"), "aesthetic_head", allow_pickle=True)
     with pytest.raises(ValueError, match="needs --med-config"):
         convert_cli.convert(str(head), str(tmp_path / "c"), "imagereward", allow_pickle=True)
+
+
+def test_every_reward_kind_passes_a_gradient_to_the_images(hf_clip, imagereward_folder, tmp_path):
+    # the step differentiates each reward w.r.t. the decoded images; the capped ImageReward rows give zero
+    model, folder = hf_clip
+    d = tmp_path / "aesthetic"
+    d.mkdir()
+    for f in os.listdir(folder):
+        os.link(os.path.join(folder, f), d / f)
+    save_file({"weight": np.ones((1, 16), np.float32), "bias": np.zeros(1, np.float32)},
+              str(d / "aesthetic_head.safetensors"))
+    rms = {"aesthetic": load_reward("aesthetic", str(d)),
+           "imagereward": load_reward("imagereward", imagereward_folder[1]),
+           "pickscore+0.1*imagereward": load_reward("pickscore+0.1*imagereward",
+                                                    {"pickscore": folder, "imagereward": imagereward_folder[1]})}
+    for name, rm in rms.items():
+        scores = np.asarray(rm(IMAGES, PROMPTS))
+        g = np.asarray(jax.grad(lambda im: jnp.sum(rm(im, PROMPTS)))(jnp.asarray(IMAGES)))
+        assert np.isfinite(g).all(), name
+        live = scores < 2.0 if name == "imagereward" else np.ones(len(PROMPTS), bool)
+        assert all(np.abs(g[i]).max() > 0 for i in np.flatnonzero(live)), name
+        assert all(np.abs(g[i]).max() == 0 for i in np.flatnonzero(~live)), name
