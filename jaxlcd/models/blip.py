@@ -386,17 +386,6 @@ def tokenize_imagereward(tokenizer, prompts: Sequence[str], use_enc_token: bool 
 
 # ---- folders ----------------------------------------------------------------------------------------------
 
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise WeightsError(f"{path} must hold a JSON object")
-    return d
-
-
 def load_imagereward(path: str, dtype=jnp.float32, param_dtype=np.float32, allow_pickle: bool = False,
                      remat: bool = False):
     """An ImageReward folder -> ``(module, params, tokenizer)``.
@@ -414,8 +403,8 @@ def load_imagereward(path: str, dtype=jnp.float32, param_dtype=np.float32, allow
         raise WeightsError(f"{path!r} has no med_config.json (BLIP's BERT config); expected an ImageReward folder "
                            "with model.safetensors + med_config.json")
     cfg_path = os.path.join(path, "config.json")
-    vision = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
-    config = ImageRewardConfig.from_dict({"vision": vision, "text": _read_json(med_path)})
+    vision = io.read_json_object(cfg_path) if os.path.isfile(cfg_path) else {}
+    config = ImageRewardConfig.from_dict({"vision": vision, "text": io.read_json_object(med_path)})
     raw = io.read_tensors(path, "model", allow_pickle=allow_pickle)
     state = {canonical_key(k): v for k, v in raw.items() if canonical_key(k) is not None}
     module = ImageReward(config, dtype=dtype, remat=remat)

@@ -25,6 +25,11 @@ def read_config(directory: str) -> dict:
     if not os.path.isfile(path):
         raise WeightsError(f"{directory!r} has no config.json; expected a diffusers/transformers model "
                            "folder (config.json + *.safetensors)")
+    return read_json_object(path)
+
+
+def read_json_object(path: str) -> dict:
+    """A JSON file holding one object; WeightsError if it is not valid JSON or not an object."""
     try:
         with open(path) as f:
             cfg = json.load(f)
