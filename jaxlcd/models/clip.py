@@ -202,11 +202,7 @@ class CLIPModel(nn.Module):
             raise ValueError(f"CLIP text: input_ids must be [batch, length <= {tc.max_position_embeddings}], "
                              f"got shape {tuple(input_ids.shape)}")
         last, _ = self.text_model(input_ids)
-        if self.config.text_pool == "argmax":
-            pooled = last[jnp.arange(last.shape[0]), jnp.argmax(input_ids, axis=-1)]
-        else:
-            pooled = pooled_output(last, input_ids, tc.eos_token_id)
-        return self.text_projection(pooled)
+        return self.text_projection(pool_text(last, input_ids, self.config.text_pool, tc.eos_token_id))
 
     def __call__(self, pixel_values, input_ids) -> "CLIPOutput":
         """pixel_values [Bi,H,W,C], input_ids [Bt,L] -> `CLIPOutput` (unused fields cost nothing under jit)."""
@@ -230,6 +226,14 @@ class CLIPOutput:
     text_embeds: Any
     image_features: Any
     text_features: Any
+
+
+def pool_text(last, input_ids, rule: str, eos_token_id: int):
+    """last [B,L,D], input_ids [B,L] -> [B,D]: the token at argmax(input_ids) (``rule="argmax"``, open_clip) or
+    transformers' EOS rule (`clip_text.pooled_output`)."""
+    if rule == "argmax":
+        return last[jnp.arange(last.shape[0]), jnp.argmax(input_ids, axis=-1)]
+    return pooled_output(last, input_ids, eos_token_id)
 
 
 def _l2_normalise(x):

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxlcd.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+from jaxlcd.models.clip import CLIPVisionConfig, CLIPVisionTransformer, pool_text
 from jaxlcd.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from jaxlcd.models.config import ConfigError, ModelConfig, require
 from jaxlcd.models.modified_resnet import ModifiedResNet, ModifiedResNetConfig
@@ -103,7 +103,7 @@ class LatentRewardModel(nn.Module):
     def encode_text(self, input_ids):
         """input_ids [B,L] int -> L2-normalised [B,P] float32 (pooled at argmax(input_ids), as open_clip)."""
         last, _ = self.text_model(input_ids)
-        return _normalise(self.text_projection(last[jnp.arange(last.shape[0]), jnp.argmax(input_ids, axis=-1)]))
+        return _normalise(self.text_projection(pool_text(last, input_ids, "argmax", 0)))
 
     def scale(self):
         """exp(logit_scale), float32 scalar."""
