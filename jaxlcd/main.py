@@ -3,6 +3,7 @@
     python -m jaxlcd.main --config=configs/rglcd.py:tiny --workdir=/tmp/run [--config.key=value ...]
     python -m jaxlcd.main --config=configs/lrm_pretrain.py:tiny --workdir=/tmp/lrm   # LRM pretraining
     python -m jaxlcd.main --config=configs/demo_vae.py --workdir=/tmp/vae            # the demo world's VAE
+    python -m jaxlcd.main --config=configs/demo_clip.py --workdir=/tmp/clip          # the demo world's CLIP
 
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
@@ -36,10 +37,22 @@ def main(argv):
             from jaxlcd.train.lrm_pretrain import pretrain
 
             pretrain(FLAGS.config, FLAGS.workdir)
+        elif job == "clip":
+            from jaxlcd.train.clip_train import train_clip
+
+            train_clip(FLAGS.config, FLAGS.workdir)
+        elif job == "teacher":
+            from jaxlcd.train.teacher_train import train_teacher
+
+            train_teacher(FLAGS.config, FLAGS.workdir)
         elif job == "vae":
             from jaxlcd.train.vae_train import train_vae
 
             train_vae(FLAGS.config, FLAGS.workdir)
+        elif job == "judge":
+            from jaxlcd.train.judge_train import train_judge
+
+            train_judge(FLAGS.config, FLAGS.workdir)
         else:
             loop.train(FLAGS.config, FLAGS.workdir)
     except (ValueError, loop.TrainingError) as e:  # config, pipeline, weights and data errors are ValueErrors

@@ -344,3 +344,14 @@ def prepare_shapes_dataset(out_dir: str, *, num_examples: int, resolution: int =
             pass
     log.info("prepared %d shapes scenes at %d px in %s", num_examples, resolution, version_dir(out_dir, BUILDER_NAME))
     return dict(builder.info.metadata)
+
+
+def make_shapes_iterator(data_root: str, *, num_examples: int, resolution: int, seed: int, tokenizer,
+                         batch_size_per_host: int):
+    """Prepare (or reuse) the shapes dataset in ``data_root`` and return the grain `TrainIterator` over it
+    (batches as `jaxlcd.data.make_train_iterator`: "pixels" [B,R,R,3] float32 in [-1,1], "input_ids", "caption")."""
+    from jaxlcd.data.pipeline import make_train_iterator
+
+    prepare_shapes_dataset(data_root, num_examples=num_examples, resolution=resolution, seed=seed)
+    return make_train_iterator(version_dir(data_root, BUILDER_NAME), tokenizer=tokenizer, resolution=resolution,
+                               batch_size_per_host=batch_size_per_host, seed=seed)

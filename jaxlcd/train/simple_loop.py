@@ -54,3 +54,30 @@ def run_loop(workdir: str, cfg, mesh, state: Any, step_fn: Callable, frozen: Any
         ckpt.close()
         metrics_file.close()
     return state, last
+
+
+class ArrayBatches:
+    """Endless shuffled batches of in-memory arrays (all with the same first dimension N), reshuffled every epoch
+    from (seed, epoch); checkpointable like `jaxlcd.data.TrainIterator` (``get_state`` / ``set_state``)."""
+
+    def __init__(self, arrays: dict, batch_size: int, seed: int):
+        self.arrays, self.batch_size, self.seed = arrays, batch_size, seed
+        self.n = len(next(iter(arrays.values())))
+        if self.n < batch_size:
+            raise ValueError(f"{self.n} examples are fewer than one batch of {batch_size}")
+        self.epoch, self.pos = 0, 0
+
+    def __next__(self) -> dict:
+        if self.pos + self.batch_size > self.n:
+            self.epoch, self.pos = self.epoch + 1, 0
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        idx = np.sort(order[self.pos:self.pos + self.batch_size])
+        self.pos += self.batch_size
+        return {k: v[idx] for k, v in self.arrays.items()}
+
+    def get_state(self) -> str:
+        return json.dumps({"epoch": self.epoch, "pos": self.pos})
+
+    def set_state(self, state) -> None:
+        state = json.loads(state) if isinstance(state, (str, bytes)) else state
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])

@@ -51,6 +51,12 @@ def write_teacher_folder(out_dir: str, seed: int = 0, unet_config: dict = TINY_U
         params = jax.jit(module.init)(jax.random.fold_in(rng, i), *family.SPEC.dummy_inputs(module))["params"]
         save_component(module, params, os.path.join(out_dir, name))
     build_clip_tokenizer_files(os.path.join(out_dir, "tokenizer"))
+    return write_pipeline_index(out_dir, scheduler_config)
+
+
+def write_pipeline_index(out_dir: str, scheduler_config: dict = SD_DDIM_SCHEDULER) -> str:
+    """Write a StableDiffusionPipeline folder's scheduler config and model_index.json (the model subfolders
+    unet, vae, text_encoder and tokenizer are the caller's)."""
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
     _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), scheduler_config)
     _write_json(os.path.join(out_dir, "model_index.json"), {

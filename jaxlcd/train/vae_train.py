@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlcd import data as data_lib
 from jaxlcd import parallel
-from jaxlcd.data.folder import version_dir
+from jaxlcd.data.shapes import make_shapes_iterator
 from jaxlcd.models import vae as vae_lib
 from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
 from jaxlcd.train.simple_loop import run_loop
@@ -59,13 +58,10 @@ def latent_scaling_factor(vae, params, batches) -> float:
 def train_vae(cfg, workdir: str) -> dict:
     """Train (or resume) the VAE on the shapes dataset; writes ``<workdir>/vae``. Returns the last metrics."""
     os.makedirs(workdir, exist_ok=True)
-    data_lib.prepare_shapes_dataset(os.path.join(workdir, "data"), num_examples=cfg.num_examples,
-                                    resolution=cfg.resolution, seed=cfg.seed)
     tok = load_tokenizer(build_clip_tokenizer_files(os.path.join(workdir, "tokenizer")))
     batch = cfg.per_device_batch * jax.device_count()
-    it = data_lib.make_train_iterator(version_dir(os.path.join(workdir, "data"), "shapes"), tokenizer=tok,
-                                      resolution=cfg.resolution, batch_size_per_host=batch // jax.process_count(),
-                                      seed=cfg.seed)
+    it = make_shapes_iterator(os.path.join(workdir, "data"), num_examples=cfg.num_examples, resolution=cfg.resolution,
+                              seed=cfg.seed, tokenizer=tok, batch_size_per_host=batch // jax.process_count())
     vae = vae_lib.build(dict(cfg.vae))
     params = jax.jit(vae.init)(jax.random.PRNGKey(cfg.seed), *vae_lib.SPEC.dummy_inputs(vae))["params"]
     tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps),

@@ -1,0 +1,126 @@
+"""Plain text-conditioned latent diffusion training of the demo world's teacher UNet.
+
+The teacher is assembled as a complete diffusers StableDiffusionPipeline folder ``<workdir>/teacher``: the trained
+VAE (``cfg.vae``), the text tower of the trained CLIP (``cfg.clip``) as ``text_encoder``, the CLIP tokenizer, SD's
+DDIM scheduler config and the UNet trained here (epsilon or v prediction, 10 % caption dropout for classifier-free
+guidance, EMA weights exported). The training images pass once through the grain pipeline and the frozen VAE
+encoder; their posterior moments are cached in ``<workdir>/latents.npz`` and a fresh posterior sample is drawn
+every step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from jaxlcd import parallel
+from jaxlcd.data.shapes import make_shapes_iterator
+from jaxlcd.models import clip_text, unet as unet_lib, vae as vae_lib
+from jaxlcd.pipeline import load_pipeline
+from jaxlcd.tokenizer import build_clip_tokenizer_files, tokenize
+from jaxlcd.train.simple_loop import ArrayBatches, run_loop
+from jaxlcd.train.tiny import SD_DDIM_SCHEDULER, write_pipeline_index
+from jaxlcd.weights import load_component, save_component
+
+log = logging.getLogger("jaxlcd")
+
+
+def assemble_teacher(out_dir: str, vae_dir: str, clip_dir: str, unet_config: dict, prediction_type: str,
+                     seed: int = 0) -> str:
+    """Write the pipeline folder: copy of ``vae_dir``, the CLIPModel's text tower as ``text_encoder``, tokenizer,
+    scheduler (SD's DDIM config with ``prediction_type``), and a freshly initialised UNet of ``unet_config``."""
+    for key, path in (("vae", vae_dir), ("clip", clip_dir)):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"config.{key}={path!r} is not a model folder (no config.json); train it first")
+    shutil.copytree(vae_dir, os.path.join(out_dir, "vae"), dirs_exist_ok=True)
+    clip_module, clip_params = load_component(clip_dir)
+    text_config = dict(clip_module.config.text_config.to_dict(), architectures=["CLIPTextModel"])
+    text = clip_text.build(text_config)
+    save_component(text, {"text_model": clip_params["text_model"]}, os.path.join(out_dir, "text_encoder"))
+    build_clip_tokenizer_files(os.path.join(out_dir, "tokenizer"))
+    unet = unet_lib.build(unet_config)
+    params = jax.jit(unet.init)(jax.random.PRNGKey(seed), *unet_lib.SPEC.dummy_inputs(unet))["params"]
+    save_component(unet, params, os.path.join(out_dir, "unet"))
+    return write_pipeline_index(out_dir, dict(SD_DDIM_SCHEDULER, prediction_type=prediction_type))
+
+
+def cache_moments(pipe, iterator, num_batches: int, path: str) -> dict:
+    """Encode ``num_batches`` pipeline batches with the frozen VAE: {"moments" [N,h,w,2c] float32, "input_ids"
+    [N,77] int32}, saved to / reused from ``path`` (npz)."""
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    encode = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x, method=pipe.vae.encode))
+    moments, ids = [], []
+    for _ in tqdm(range(num_batches), desc="encode latents", unit="batch", dynamic_ncols=True):
+        batch = next(iterator)
+        moments.append(np.asarray(encode(pipe.vae_params, batch["pixels"]), np.float32))
+        ids.append(batch["input_ids"])
+    arrays = {"moments": np.concatenate(moments), "input_ids": np.concatenate(ids).astype(np.int32)}
+    np.savez(path + ".tmp.npz", **arrays)
+    os.replace(path + ".tmp.npz", path)
+    return arrays
+
+
+def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float):
+    """``step(state {"step","params","ema","opt_state","rng"}, text params, batch {"moments","input_ids"})``:
+    MSE of the UNet's epsilon / v prediction at t ~ U{0..T-1}, captions replaced by "" with prob ``p_uncond``."""
+    abar = jnp.asarray(pipe.abar, jnp.float32)
+
+    def loss_fn(params, text_params, batch, key):
+        k_z, k_drop, k_t, k_eps = jax.random.split(key, 4)
+        z0 = vae_lib.scale_latents(vae_lib.latent_dist_sample(batch["moments"], k_z), pipe.vae.config)
+        b = z0.shape[0]
+        drop = jax.random.uniform(k_drop, (b, 1)) < p_uncond
+        ctx = pipe.text_encoder.apply({"params": text_params}, jnp.where(drop, uncond_ids, batch["input_ids"]))
+        t = jax.random.randint(k_t, (b,), 0, abar.shape[0])
+        eps = jax.random.normal(k_eps, z0.shape, jnp.float32)
+        alpha, sigma = jnp.sqrt(abar[t])[:, None, None, None], jnp.sqrt(1.0 - abar[t])[:, None, None, None]
+        out = pipe.unet.apply({"params": params}, alpha * z0 + sigma * eps, t, jax.lax.stop_gradient(ctx))
+        target = eps if pipe.prediction_type == "epsilon" else alpha * eps - sigma * z0
+        return jnp.mean((out.astype(jnp.float32) - target) ** 2)
+
+    def step(state, text_params, batch):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], text_params, batch, key)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+        return (dict(state, step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state),
+                {"loss": loss, "grad_norm": optax.global_norm(grads)})
+
+    return step
+
+
+def train_teacher(cfg, workdir: str) -> dict:
+    """Train (or resume) the teacher UNet; writes the pipeline folder ``<workdir>/teacher`` (EMA UNet weights)."""
+    os.makedirs(workdir, exist_ok=True)
+    teacher_dir = os.path.join(workdir, "teacher")
+    if not os.path.isfile(os.path.join(teacher_dir, "model_index.json")):
+        assemble_teacher(teacher_dir, cfg.vae, cfg.clip, cfg.unet.to_dict(), cfg.prediction_type, cfg.seed)
+    pipe = load_pipeline(teacher_dir)
+    batch = cfg.per_device_batch * jax.device_count()
+    it = make_shapes_iterator(os.path.join(workdir, "data"), num_examples=cfg.num_examples, resolution=cfg.resolution,
+                              seed=cfg.data_seed, tokenizer=pipe.tokenizer, batch_size_per_host=min(64, cfg.num_examples))
+    arrays = cache_moments(pipe, it, max(1, cfg.num_examples // 64), os.path.join(workdir, "latents.npz"))
+    schedule_fn = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule_fn, weight_decay=cfg.weight_decay))
+    params = pipe.unet_params
+    ema = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)  # own buffers: the step donates both
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema": ema, "opt_state": tx.init(params),
+             "rng": jax.random.PRNGKey(cfg.seed + 1)}
+    uncond_ids = jnp.asarray(tokenize(pipe.tokenizer, [""])[0])
+    mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    step_fn = make_teacher_step(pipe, tx, uncond_ids, cfg.p_uncond, cfg.ema_decay)
+    state, last = run_loop(workdir, cfg, mesh, state, step_fn, pipe.text_params,
+                           ArrayBatches(arrays, batch, cfg.data_seed), lambda h: parallel.global_batch(h, mesh),
+                           "teacher")
+    save_component(pipe.unet, jax.device_get(state["ema"]), os.path.join(teacher_dir, "unet"))
+    log.info("saved the teacher pipeline to %s (last loss %.4g)", teacher_dir, last.get("loss", float("nan")))
+    return last
