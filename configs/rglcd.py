@@ -1,11 +1,14 @@
 """(Reward-guided) latent consistency distillation configs.
 
 Run:
+    python -m jaxlcd.main --config=configs/rglcd.py --workdir=runs/demo                 # the demo world, CPU minutes
     python -m jaxlcd.main --config=configs/rglcd.py:tiny --workdir=/tmp/lcd_tiny        # seconds, anywhere
     python -m jaxlcd.main --config=configs/rglcd.py:sd21base --workdir=gs://bucket/run \\
         --config.teacher=/path/to/stable-diffusion-2-1-base --config.data_dir=/path/to/image_caption_folder
 
-Variants: tiny (random tiny teacher + a generated image-caption folder, built in the workdir),
+Variants: demo (the default: the shipped shapes-world teacher distilled with its CLIP as a direct reward, after an
+LCD baseline in WORKDIR/baselines/lcd, then the evaluation table in WORKDIR/eval), demo_lcd (no reward), demo_lrm
+(the shipped LRM with the CLIP as expert); tiny (random tiny teacher + a generated image-caption folder, built in the workdir),
 sd15, sd21base, sd21 (the reference hyper-parameters of rglcd.md section 2; teacher and data are
 local folders you pass). Override any key with --config.key=value.
 
@@ -21,21 +24,28 @@ is the reference's; the others are our starting points, not tuned values.
 """
 import ml_collections
 
-VARIANTS = ("tiny", "sd15", "sd21base", "sd21")
+VARIANTS = ("demo", "demo_lcd", "demo_lrm", "tiny", "sd15", "sd21base", "sd21")
+DEMO_GUIDANCE = {"demo": "clipscore", "demo_lcd": "", "demo_lrm": "clipscore_lrm"}  # the demo variants' built-in guidance
 GUIDANCE = {  # name -> (reward expression, beta, uses the LRM)
     "": ("", 1.0, False), "hps": ("hpsv2.1", 1.0, False), "pickscore": ("pickscore", 1.0, False),
     "clipscore": ("clipscore", 1.0, False), "imagereward": ("imagereward", 0.1, False),
     "hps_ir": ("hpsv2.1+0.1*imagereward", 1.0, False), "lrm": ("hpsv2.1", 1.0, True),
     "rm": ("clipscore", 1.0, False),   # tiny only: the tiny random CLIP
+    "clipscore_lrm": ("clipscore", 1.0, True),  # demo_lrm: the demo LRM with the demo CLIP as its expert
 }
 VALIDATION_PROMPTS = ("a red circle on a blue background", "a photo of an astronaut riding a horse",
                       "a watercolor painting of a lighthouse at dawn", "a green square next to a yellow triangle")
 
 
-def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     arg, _, guidance = arg.partition(",")
     if arg not in VARIANTS:
         raise ValueError(f"unknown config variant {arg!r}; known: {', '.join(VARIANTS)}")
+    if arg in DEMO_GUIDANCE:
+        if guidance:
+            raise ValueError(f"the demo variants set their own guidance; use demo, demo_lcd or demo_lrm, not {arg},"
+                             f"{guidance}")
+        guidance = DEMO_GUIDANCE[arg]
     if guidance not in GUIDANCE:
         raise ValueError(f"unknown guidance {guidance!r}; known: {', '.join(g for g in GUIDANCE if g)}")
     c = ml_collections.ConfigDict()
@@ -104,7 +114,28 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     c.shard_frozen = "replicate"   # teacher / VAE / text encoder params: replicate | fsdp
 
-    if arg == "tiny":
+    c.shapes_examples = 10_000     # scenes of the built-in shapes dataset (data_dir "shapes", the demo variants)
+    c.demo = ml_collections.ConfigDict()
+    c.demo.baselines = ()          # demo: variants trained first in WORKDIR/baselines/NAME (lcd, lrm) for the table
+    c.demo.eval_prompts = 0        # > 0: evaluate on that many held-out prompts at the end (python -m jaxlcd.eval)
+
+    if arg.startswith("demo"):     # the shipped shapes world: distil its teacher on CPU in minutes
+        c.resolution = 64
+        c.per_device_batch = 16
+        c.total_steps = 300
+        c.log_every = 10
+        c.checkpoint_every = 100
+        c.sample_every = 0
+        c.compute_dtype = "float32"
+        c.optim.learning_rate = 2e-4
+        c.validation_prompts = ("a small red circle on the left, blue background",
+                                "a large green square at the top, white background",
+                                "a small yellow triangle left of a large purple star, black background",
+                                "a large blue diamond above a small orange cross, green background")
+        c.demo.eval_prompts = 128
+        if arg == "demo":
+            c.demo.baselines = ("lcd",)
+    elif arg == "tiny":
         c.resolution = 64
         c.per_device_batch = 2
         c.total_steps = 20

@@ -53,6 +53,10 @@ def main(argv):
             from jaxlcd.train.judge_train import train_judge
 
             train_judge(FLAGS.config, FLAGS.workdir)
+        elif FLAGS.config.get("demo") and (FLAGS.config.demo.baselines or FLAGS.config.demo.eval_prompts):
+            from jaxlcd.demo import run_demo
+
+            run_demo(FLAGS.config, FLAGS.workdir)
         else:
             loop.train(FLAGS.config, FLAGS.workdir)
     except (ValueError, loop.TrainingError) as e:  # config, pipeline, weights and data errors are ValueErrors

@@ -28,3 +28,76 @@ def test_vae_trainer_writes_a_diffusers_vae_with_unit_variance_latents(tmp_path)
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
     assert 0.5 < float(z.std()) < 2.0   # scaled latents have about unit variance on unseen scenes
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    from jaxlcd.train.clip_train import train_clip
+
+    workdir = tmp_path_factory.mktemp("clip")
+    last = train_clip(load_config("tiny", "demo_clip.py"), str(workdir))
+    assert np.isfinite(last["loss"])
+    return str(workdir / "clip")
+
+
+def test_clip_trainer_writes_a_transformers_clip_that_the_reward_registry_loads(tiny_clip_dir):
+    import transformers
+
+    from jaxlcd.rewards import load_reward
+
+    model = transformers.CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    tok = transformers.CLIPTokenizer.from_pretrained(tiny_clip_dir)
+    prompts = ["a small red circle on the left, blue background", "a large green star at the top, red background"]
+    images = np.stack([shapes.render(shapes.sample_scene(0, i), resolution=32) for i in range(2)]) / 255.0
+    ours = np.asarray(load_reward("clipscore", tiny_clip_dir)(images.astype(np.float32), prompts))
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    pixels = torch.from_numpy(((images - mean) / std).transpose(0, 3, 1, 2).astype(np.float32))
+    ids = tok(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels)
+    cos = (out.image_embeds * out.text_embeds).sum(-1).numpy()   # images are already 32 px: no resize
+    np.testing.assert_allclose(ours, cos, atol=2e-5)
+
+
+@pytest.mark.slow  # ~70 s: compiles the tiny UNet training step
+def test_teacher_trainer_writes_a_pipeline_diffusers_samples_with_the_clip_text_tower(tmp_path, tiny_clip_dir):
+    from jaxlcd.train.teacher_train import train_teacher
+    from jaxlcd.train.vae_train import train_vae
+
+    vae_cfg = load_config("tiny", "demo_vae.py")
+    vae_cfg.total_steps = 1
+    train_vae(vae_cfg, str(tmp_path / "vae_run"))
+    cfg = load_config("tiny", "demo_teacher.py")
+    cfg.vae, cfg.clip = str(tmp_path / "vae_run" / "vae"), tiny_clip_dir
+    assert np.isfinite(train_teacher(cfg, str(tmp_path / "teacher_run"))["loss"])
+
+    import transformers
+
+    teacher = str(tmp_path / "teacher_run" / "teacher")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None)
+    images = pipe("a small red circle on the left, blue background", num_inference_steps=2, height=32, width=32,
+                  output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+    clip = transformers.CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        np.testing.assert_allclose(pipe.text_encoder(ids).last_hidden_state.numpy(),
+                                   clip.text_model(ids).last_hidden_state.numpy(), atol=1e-6)
+
+
+def test_array_batches_resume_where_they_stopped():
+    from jaxlcd.train.simple_loop import ArrayBatches
+
+    data = {"x": np.arange(10)}
+    a = ArrayBatches(data, 4, seed=3)
+    first = [next(a)["x"] for _ in range(3)]
+    b = ArrayBatches(data, 4, seed=3)
+    b.set_state(json.loads(ArrayBatches(data, 4, seed=3).get_state()))
+    assert [next(b)["x"].tolist() for _ in range(3)] == [f.tolist() for f in first]
+    c = ArrayBatches(data, 4, seed=3)
+    next(c)
+    state = c.get_state()
+    d = ArrayBatches(data, 4, seed=3)
+    d.set_state(state)
+    assert next(d)["x"].tolist() == first[1].tolist() and next(d)["x"].tolist() == first[2].tolist()
+    assert sorted(np.concatenate(first[:2]).tolist()) == sorted(set(np.concatenate(first[:2]).tolist()))

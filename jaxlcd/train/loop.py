@@ -119,10 +119,7 @@ def train(cfg, workdir: str) -> dict:
     run = setup.build_run(cfg, teacher_dir, mesh)
 
     global_batch = cfg.per_device_batch * jax.device_count()
-    prepared = os.path.join(workdir, "data")
-    stats = data_lib.prepare_folder_dataset(raw_data, prepared)
-    log.info("dataset: %d usable image-caption pairs; skipped while preparing: %s", stats["count"],
-             {k: v for k, v in stats["skipped"].items() if v} or "none")
+    prepared = setup.prepare_data(raw_data, os.path.join(workdir, "data"), cfg.resolution, cfg.shapes_examples)
     it = data_lib.make_train_iterator(
         prepared, tokenizer=run.pipe.tokenizer,
         resolution=cfg.resolution, batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,

@@ -21,7 +21,7 @@ from jaxlcd.models import vae as vae_lib
 from jaxlcd.pipeline import load_pipeline
 from jaxlcd.rewards.lrm import LatentReward
 from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
-from jaxlcd.train import tiny
+from jaxlcd.train import setup, tiny
 from jaxlcd.train.simple_loop import run_loop
 from jaxlcd.weights import load_component, save_component
 
@@ -64,7 +64,9 @@ def _initial_lrm(cfg, workdir: str, latent_size: int):
     """(module, params): from cfg.init (an LRM folder) or freshly initialised from cfg.arch at this latent size."""
     if cfg.init:
         return load_component(cfg.init)
-    if cfg.arch == "tiny":
+    if cfg.get("model"):
+        config = dict(cfg.model.to_dict(), architectures=["LatentRewardModel"])
+    elif cfg.arch == "tiny":
         config = tiny.tiny_lrm_config(latent_size)
     else:
         vision = dict(lrm_lib.LATENT_VIT if cfg.arch == "latent_vit" else lrm_lib.LATENT_RN50, image_size=latent_size)
@@ -85,7 +87,7 @@ def pretrain(cfg, workdir: str) -> dict:
             if not os.path.isdir(raw):
                 data_lib.write_tiny_folder(raw, n=32, resolution=cfg.resolution, seed=cfg.seed)
     for key, path in (("teacher", teacher), ("data_dir", raw)):
-        if not path or not os.path.isdir(path):
+        if not path or not (os.path.isdir(path) or (key == "data_dir" and path == setup.SHAPES_DATA)):
             raise ValueError(f"config.{key}={path!r} is not a folder; pass --config.{key}=/path")
     pipe = load_pipeline(teacher)
     module, params = _initial_lrm(cfg, workdir, cfg.resolution // 8)
@@ -99,8 +101,7 @@ def pretrain(cfg, workdir: str) -> dict:
 
     global_batch = cfg.per_device_batch * jax.device_count()
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    prepared = os.path.join(workdir, "data")
-    data_lib.prepare_folder_dataset(raw, prepared)
+    prepared = setup.prepare_data(raw, os.path.join(workdir, "data"), cfg.resolution, cfg.get("shapes_examples", 0))
     it = data_lib.make_train_iterator(prepared, tokenizer=pipe.tokenizer, resolution=cfg.resolution,
                                       batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,
                                       random_crop=cfg.random_crop, random_flip=cfg.random_flip)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxlcd import parallel
+from jaxlcd import data as data_lib
+from jaxlcd import demo, parallel
 from jaxlcd.export import add_cond_proj
 from jaxlcd.pipeline import check_pipeline_dir, encode_prompts, load_pipeline
 from jaxlcd.rewards import load_reward, parse_reward_expression
@@ -17,6 +19,8 @@ from jaxlcd.train import tiny
 from jaxlcd.train.state import TrainState, create_state, make_optimizer
 from jaxlcd.train.step import StepModels
 
+log = logging.getLogger("jaxlcd")
+SHAPES_DATA = "shapes"  # config.data_dir value: the built-in shapes dataset (demo world), generated in the workdir
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -50,13 +54,13 @@ def validate_config(cfg, num_devices: int) -> None:
     if -1 not in batch_axes and (cfg.per_device_batch * num_devices) % (batch_axes[0] * batch_axes[1]):
         raise ConfigValueError(f"the global batch {cfg.per_device_batch * num_devices} is not divisible by the "
                                f"mesh's batch axes data*fsdp = {batch_axes[0] * batch_axes[1]}")
-    if cfg.variant != "tiny":
+    if not builds_own_inputs(cfg):
         if not cfg.teacher:
             raise ConfigValueError("config.teacher is empty: pass --config.teacher=/path/to/diffusers/pipeline")
         if not cfg.data_dir:
             raise ConfigValueError("config.data_dir is empty: pass --config.data_dir=/path/to/image_caption_folder")
     for key in ("teacher", "data_dir"):
-        if cfg[key] and not os.path.isdir(cfg[key]):
+        if cfg[key] and not os.path.isdir(cfg[key]) and not (key == "data_dir" and cfg[key] == SHAPES_DATA):
             raise ConfigValueError(f"config.{key}={cfg[key]!r} does not exist")
     if cfg.teacher:
         check_pipeline_dir(cfg.teacher)
@@ -79,7 +83,7 @@ def _validate_guidance(cfg) -> None:
         raise ConfigValueError(f"the LRM's expert must be one CLIP-cosine model, not the sum {r.name!r}")
     if lrm.rows < 0:
         raise ConfigValueError(f"lrm.rows={lrm.rows} must be >= 0 (0 = the whole batch)")
-    if cfg.variant != "tiny":
+    if not builds_own_inputs(cfg):
         if r.name and not r.path:
             raise ConfigValueError(f"reward.name={r.name!r} needs reward.path (the model folder)")
         if lrm.enabled and not lrm.path:
@@ -90,9 +94,17 @@ def _validate_guidance(cfg) -> None:
             raise ConfigValueError(f"config.{key}: {path!r} does not exist")
 
 
+def builds_own_inputs(cfg) -> bool:
+    """True for the variants that need no user paths: tiny (random models) and demo* (the shipped demo world)."""
+    return cfg.variant == "tiny" or cfg.variant.startswith("demo")
+
+
 def resolve_inputs(cfg, workdir: str) -> tuple[str, str]:
-    """(teacher folder, raw data folder); the tiny variant builds both inside the workdir once."""
+    """(teacher folder, raw data folder); the tiny variant builds both inside the workdir once; demo variants take
+    the shipped teacher and SHAPES_DATA (the shapes dataset, generated in the workdir)."""
     teacher, data = cfg.teacher, cfg.data_dir
+    if cfg.variant.startswith("demo"):
+        return os.path.abspath(teacher or demo.demo_path("teacher")), data or SHAPES_DATA
     if cfg.variant == "tiny":
         from jaxlcd.data.tiny_folder import write_tiny_folder
 
@@ -107,9 +119,25 @@ def resolve_inputs(cfg, workdir: str) -> tuple[str, str]:
     return os.path.abspath(teacher), os.path.abspath(data)
 
 
+def prepare_data(data_dir: str, out_dir: str, resolution: int, shapes_examples: int) -> str:
+    """Prepare the training data once: an image-caption folder (`jaxlcd.data.prepare_folder_dataset`) or, for
+    ``data_dir == SHAPES_DATA``, the first ``shapes_examples`` scenes of the shapes stream (seed 0). Returns the
+    folder for `jaxlcd.data.make_train_iterator`."""
+    if data_dir == SHAPES_DATA:
+        data_lib.prepare_shapes_dataset(out_dir, num_examples=shapes_examples, resolution=resolution, seed=0)
+        return data_lib.version_dir(out_dir, "shapes")
+    stats = data_lib.prepare_folder_dataset(data_dir, out_dir)
+    log.info("dataset: %d usable image-caption pairs; skipped while preparing: %s", stats["count"],
+             {k: v for k, v in stats["skipped"].items() if v} or "none")
+    return out_dir
+
+
 def resolve_reward_paths(cfg, workdir: str) -> tuple[str, str]:
     """(reward path, LRM path); the tiny variant builds a tiny random CLIP / LRM in the workdir once."""
     reward, lrm = cfg.reward.path, cfg.lrm.path
+    if cfg.variant.startswith("demo"):
+        return (reward or (demo.demo_path("clip") if cfg.reward.name else ""),
+                lrm or (demo.demo_path("lrm") if cfg.lrm.enabled else ""))
     if cfg.variant == "tiny":
         if cfg.reward.name and not reward:
             reward = os.path.join(workdir, "tiny_reward")

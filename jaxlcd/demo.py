@@ -1,0 +1,60 @@
+"""The demo world's shipped models (``jaxlcd/assets/demo``), all trained by jaxlcd on the shapes dataset:
+
+teacher  diffusers StableDiffusionPipeline folder (configs/demo_teacher.py; VAE from configs/demo_vae.py,
+         text encoder = the text tower of ``clip``)
+clip     transformers CLIPModel folder: the training reward model and the LRM's expert (configs/demo_clip.py)
+scorer   a second CLIPModel (configs/demo_clip.py:scorer): the held-out reward of the evaluation
+judge    attribute classifier (configs/demo_judge.py): judge accuracy and demo-FID features
+lrm      latent proxy reward model pretrained on the teacher VAE's latents (configs/lrm_pretrain.py:demo)
+"""
+from __future__ import annotations
+
+import os
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
+MODELS = ("teacher", "clip", "scorer", "judge", "lrm")
+
+
+def demo_path(name: str) -> str:
+    """The folder of shipped demo model ``name`` (one of MODELS); ValueError if unknown or missing."""
+    if name not in MODELS:
+        raise ValueError(f"unknown demo model {name!r}; known: {', '.join(MODELS)}")
+    path = os.path.join(DEMO_DIR, name)
+    if not os.path.isdir(path):
+        raise ValueError(f"the demo model {name!r} is missing from {DEMO_DIR}; reinstall jaxlcd or retrain it "
+                         f"with its config (see README, 'The demo world')")
+    return path
+
+
+BASELINES = {"lcd": dict(reward_name="", lrm=False), "lrm": dict(reward_name="clipscore", lrm=True)}
+
+
+def baseline_config(cfg, name: str):
+    """``cfg`` turned into baseline ``name`` of BASELINES (same data, steps and seed; no further baselines/eval)."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown demo baseline {name!r}; known: {', '.join(BASELINES)}")
+    sub = cfg.copy_and_resolve_references()
+    with sub.unlocked():
+        sub.reward.name, sub.reward.path = BASELINES[name]["reward_name"], ""
+        sub.lrm.enabled, sub.lrm.path = BASELINES[name]["lrm"], ""
+        sub.demo.baselines, sub.demo.eval_prompts = (), 0
+    return sub
+
+
+def run_demo(cfg, workdir: str) -> list[dict]:
+    """Train ``cfg.demo.baselines`` (in ``workdir/baselines/NAME``), then ``cfg`` itself in ``workdir``, then evaluate
+    on ``cfg.demo.eval_prompts`` held-out prompts (`jaxlcd.eval`); every part resumes when rerun. Returns the rows."""
+    from jaxlcd import eval as eval_lib
+    from jaxlcd.train import loop
+
+    for name in cfg.demo.baselines:
+        print(f"demo: training the {name} baseline in {os.path.join(workdir, 'baselines', name)}")
+        loop.train(baseline_config(cfg, name), os.path.join(workdir, "baselines", name))
+    loop.train(cfg, workdir)
+    if not cfg.demo.eval_prompts:
+        return []
+    print(f"demo: evaluating on {cfg.demo.eval_prompts} held-out prompts")
+    results = eval_lib.evaluate(workdir, cfg.demo.eval_prompts)
+    print(eval_lib.format_table(results))
+    print(f"demo: results and grids in {os.path.join(workdir, 'eval')}")
+    return results
