@@ -10,8 +10,10 @@ lrm      latent proxy reward model pretrained on the teacher VAE's latents (conf
 from __future__ import annotations
 
 import os
+import shutil
 
-DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
+# JAXLCD_DEMO_DIR points the demo variants and jaxlcd.eval at another set of demo models (e.g. freshly retrained).
+DEMO_DIR = os.environ.get("JAXLCD_DEMO_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
 MODELS = ("teacher", "clip", "scorer", "judge", "lrm")
 
 
@@ -58,3 +60,23 @@ def run_demo(cfg, workdir: str) -> list[dict]:
     print(eval_lib.format_table(results))
     print(f"demo: results and grids in {os.path.join(workdir, 'eval')}")
     return results
+
+
+def ship_model(src: str, name: str, dest_root: str = DEMO_DIR) -> str:
+    """Copy model folder ``src`` to ``dest_root/name`` (replacing it) with every float32 safetensors tensor stored
+    as float16 (the demo models are small and fp16 is enough); other files are copied as they are."""
+    from safetensors.numpy import load_file, save_file
+
+    if name not in MODELS:
+        raise ValueError(f"unknown demo model {name!r}; known: {', '.join(MODELS)}")
+    dest = os.path.join(dest_root, name)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    for root, _, files in os.walk(dest):
+        for f in files:
+            if f.endswith(".safetensors"):
+                path = os.path.join(root, f)
+                tensors = load_file(path)
+                save_file({k: v.astype("float16") if v.dtype == "float32" else v for k, v in tensors.items()}, path,
+                          metadata={"format": "pt"})
+    return dest

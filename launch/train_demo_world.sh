@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Retrain the demo world's shipped models from scratch (CPU; each step resumes when rerun) and copy them, as
+# float16, into jaxlcd/assets/demo. Usage: launch/train_demo_world.sh [RUNS_DIR]   (default: runs/demo_world)
+set -euo pipefail
+RUNS=${1:-runs/demo_world}
+main() { python -m jaxlcd.main "$@"; }
+main --config=configs/demo_vae.py --workdir="$RUNS/vae"
+main --config=configs/demo_clip.py --workdir="$RUNS/clip"
+main --config=configs/demo_clip.py:scorer --workdir="$RUNS/scorer"
+main --config=configs/demo_judge.py --workdir="$RUNS/judge"
+main --config=configs/demo_teacher.py --workdir="$RUNS/teacher" --config.vae="$RUNS/vae/vae" \
+    --config.clip="$RUNS/clip/clip"
+main --config=configs/lrm_pretrain.py:demo --workdir="$RUNS/lrm" --config.teacher="$RUNS/teacher/teacher"
+python - "$RUNS" <<'PY'
+import sys
+from jaxlcd.demo import ship_model
+runs = sys.argv[1]
+for name, src in [("teacher", "teacher/teacher"), ("clip", "clip/clip"), ("scorer", "scorer/clip"),
+                  ("judge", "judge/judge"), ("lrm", "lrm/lrm")]:
+    print("shipped", ship_model(f"{runs}/{src}", name))
+PY

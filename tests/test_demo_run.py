@@ -1,0 +1,31 @@
+"""The default job (the demo world) end to end, shortened: LCD baseline + RG-LCD with the shipped models, then the
+evaluation table and grids (issue 7)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO
+
+
+def test_shortened_demo_job_trains_both_students_and_writes_the_table(tmp_path):
+    workdir = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "jaxlcd.main", f"--config={REPO}/configs/rglcd.py", f"--workdir={workdir}",
+           "--config.total_steps=2", "--config.per_device_batch=1", "--config.shapes_examples=64",
+           "--config.demo.eval_prompts=4", "--config.log_every=1"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| teacher DDIM-50 |" in proc.stdout
+    rows = json.loads((workdir / "eval" / "results.json").read_text())["rows"]
+    names = [r["name"] for r in rows]
+    assert names[:2] == ["real (rendered)", "teacher DDIM-50"]
+    assert [n for n in names if n.startswith("LCM")] == ["LCM 1-step", "LCM 2-step", "LCM 4-step"]
+    assert [n for n in names if n.startswith("RG-LCM")] == [f"RG-LCM (direct: clipscore) {k}-step" for k in (1, 2, 4)]
+    for r in rows:
+        assert 0.0 <= r["judge_accuracy"] <= 1.0 and np.isfinite([r["train_rm"], r["heldout_rm"], r["hf_energy"]]).all()
+        assert r["sampler"] == "real" or (r["images_per_s"] > 0 and np.isfinite(r["fid"]))
+    assert (workdir / "eval" / "results.md").read_text().count("\n| ") == len(rows) + 1
+    assert os.path.isfile(workdir / "eval" / "grids" / "side_by_side.png")
+    assert (workdir / "baselines" / "lcd" / "export" / "student" / "model_index.json").is_file()
