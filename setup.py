@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["jaxlcd", "jaxlcd.*"]),
-    package_data={"jaxlcd": ["assets/*"]},
+    package_data={"jaxlcd": ["assets/*", "assets/demo/*/*", "assets/demo/*/*/*"]},  # + the demo world's models
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10,<0.13",
@@ -20,6 +20,7 @@ setup(
         "absl-py>=2.1,<3",
         "safetensors>=0.5,<0.9",
         "numpy>=1.26,<3",
+        "scipy>=1.11,<2",       # matrix square root of the demo FID
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
         "grain>=0.2.10,<0.3",

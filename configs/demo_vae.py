@@ -23,11 +23,12 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.resolution = 64
     c.num_examples = 20_000        # shapes scenes 0 .. num_examples - 1 (training stream, no held-out pairs)
     c.per_device_batch = 8        # ~0.6 s/step on one CPU core
-    c.total_steps = 1500
+    c.total_steps = 3500
     c.learning_rate = 1e-3         # AdamW, linear warmup then cosine decay
     c.warmup_steps = 100
     c.weight_decay = 0.0
-    c.kl_weight = 1e-3             # per latent element, relative to the per-pixel MSE
+    c.kl_weight = 1e-5             # per latent element, relative to the per-pixel MSE
+    c.object_weight = 10.0         # extra MSE weight on pixels that differ from the background (0 = plain MSE)
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 2

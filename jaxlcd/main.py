@@ -4,6 +4,7 @@
     python -m jaxlcd.main --config=configs/lrm_pretrain.py:tiny --workdir=/tmp/lrm   # LRM pretraining
     python -m jaxlcd.main --config=configs/demo_vae.py --workdir=/tmp/vae            # the demo world's VAE
     python -m jaxlcd.main --config=configs/demo_clip.py --workdir=/tmp/clip          # the demo world's CLIP
+    (also configs/demo_judge.py, configs/demo_teacher.py; launch/train_demo_world.sh trains them all)
 
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """

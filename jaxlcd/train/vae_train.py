@@ -25,22 +25,35 @@ from jaxlcd.weights import save_component
 log = logging.getLogger("jaxlcd")
 
 
-def vae_loss(vae, params, pixels, rng, kl_weight: float):
-    """pixels [B,H,W,3] in [-1,1] -> (loss, {"mse", "kl"}) float32 scalars."""
+def foreground_mask(pixels, threshold: float = 0.1):
+    """pixels [B,H,W,3] in [-1,1] -> [B,H,W,1] float32: 1 where a pixel differs from its image's background colour
+    (the median of the border pixels) by more than ``threshold`` summed over channels, else 0."""
+    border = jnp.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], axis=1)
+    background = jnp.median(border, axis=1)[:, None, None, :]
+    return (jnp.sum(jnp.abs(pixels - background), axis=-1, keepdims=True) > threshold).astype(jnp.float32)
+
+
+def vae_loss(vae, params, pixels, rng, kl_weight: float, object_weight: float = 0.0):
+    """pixels [B,H,W,3] in [-1,1] -> (loss, {"mse", "kl"}) float32 scalars.
+
+    loss = mean(w * (rec - pixels)^2) + kl_weight * KL per latent element, w = 1 + object_weight on foreground
+    pixels (`foreground_mask`): small objects on flat backgrounds would otherwise be a few % of the error."""
     moments = vae.apply({"params": params}, pixels, method=vae.encode)
     rec = vae.apply({"params": params}, vae_lib.latent_dist_sample(moments, rng), method=vae.decode)
-    mse = jnp.mean((rec.astype(jnp.float32) - pixels) ** 2)
+    err = (rec.astype(jnp.float32) - pixels) ** 2
+    mse = jnp.mean(err)
+    weighted = jnp.mean(err * (1.0 + object_weight * foreground_mask(pixels))) if object_weight else mse
     kl = jnp.mean(vae_lib.latent_kl(moments)) / (moments.size // moments.shape[0] // 2)
-    return mse + kl_weight * kl, {"mse": mse, "kl": kl}
+    return weighted + kl_weight * kl, {"mse": mse, "kl": kl}
 
 
-def make_vae_step(vae, tx, kl_weight: float):
+def make_vae_step(vae, tx, kl_weight: float, object_weight: float = 0.0):
     """``step(state {"step","params","opt_state","rng"}, frozen (unused), batch {"pixels"}) -> (state, metrics)``."""
 
     def step(state, frozen, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
         (loss, parts), grads = jax.value_and_grad(
-            lambda p: vae_loss(vae, p, batch["pixels"], key, kl_weight), has_aux=True)(state["params"])
+            lambda p: vae_loss(vae, p, batch["pixels"], key, kl_weight, object_weight), has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return (dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
                      opt_state=opt_state), {"loss": loss, **parts, "grad_norm": optax.global_norm(grads)})
@@ -70,7 +83,8 @@ def train_vae(cfg, workdir: str) -> dict:
              "rng": jax.random.PRNGKey(cfg.seed + 1)}
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     make_batch = lambda host: parallel.global_batch({"pixels": host["pixels"]}, mesh)
-    state, last = run_loop(workdir, cfg, mesh, state, make_vae_step(vae, tx, cfg.kl_weight), None, it, make_batch, "vae")
+    step_fn = make_vae_step(vae, tx, cfg.kl_weight, cfg.object_weight)
+    state, last = run_loop(workdir, cfg, mesh, state, step_fn, None, it, make_batch, "vae")
     params = jax.device_get(state["params"])
     sf = latent_scaling_factor(vae, params, [next(it)["pixels"] for _ in range(4)])
     vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=sf))
