@@ -57,6 +57,8 @@ def _run_label(run_dir: str) -> str:
 
 def find_rows(workdir: str, steps: Sequence[int], teacher_steps: int = 50) -> list[Row]:
     """The rows for ``workdir``: real, teacher DDIM, then each exported student (workdir, workdir/baselines/*)."""
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise ValueError(f"{workdir!r} holds no jaxlcd run (no config.json); pass the --workdir of a finished run")
     with open(os.path.join(workdir, "config.json")) as f:
         teacher = json.load(f)["teacher"]
     rows = [Row("real (rendered)", None, "real", 0), Row(f"teacher DDIM-{teacher_steps}", teacher, "ddim", teacher_steps)]

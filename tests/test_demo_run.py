@@ -29,3 +29,25 @@ def test_shortened_demo_job_trains_both_students_and_writes_the_table(tmp_path):
     assert (workdir / "eval" / "results.md").read_text().count("\n| ") == len(rows) + 1
     assert os.path.isfile(workdir / "eval" / "grids" / "side_by_side.png")
     assert (workdir / "baselines" / "lcd" / "export" / "student" / "model_index.json").is_file()
+
+
+def test_eval_refuses_a_workdir_without_a_run_in_one_sentence(tmp_path, capsys):
+    from jaxlcd import eval as eval_lib
+
+    assert eval_lib.main(["--workdir", str(tmp_path)]) == 2
+    assert "holds no jaxlcd run" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"teacher": "/nowhere"}))
+    assert eval_lib.main(["--workdir", str(tmp_path)]) == 2
+    assert "no exported student" in capsys.readouterr().err
+
+
+def test_demo_variants_refuse_a_guidance_suffix():
+    import pytest
+
+    from conftest import load_config
+
+    with pytest.raises(ValueError, match="demo variants set their own guidance"):
+        load_config("demo,hps")
+    cfg = load_config("demo")
+    assert cfg.reward.name == "clipscore" and cfg.demo.baselines == ("lcd",) and not cfg.lrm.enabled
+    assert load_config("demo_lrm").lrm.enabled and load_config("demo_lcd").reward.name == ""
