@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from jaxlcd import demo, eval_metrics
 from jaxlcd.data import shapes
@@ -129,7 +130,9 @@ def evaluate(workdir: str, num_prompts: int = 128, steps: Sequence[int] = (1, 2,
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
     results, strips = [], []
-    for row in rows:
+    bar = tqdm(rows, desc="eval", unit="row", dynamic_ncols=True)
+    for row in bar:
+        bar.set_postfix_str(row.name)
         images, rate = generate(row, prompts, scenes, seed, guidance)
         predicted, feats = judge_lib.predict(judge, judge_params, images)
         results.append({
@@ -143,7 +146,6 @@ def evaluate(workdir: str, num_prompts: int = 128, steps: Sequence[int] = (1, 2,
         slug = "".join(ch if ch.isalnum() else "_" for ch in row.name).strip("_").lower()
         Image.fromarray(make_grid(to_uint8(images[:64]))).save(os.path.join(out_dir, "grids", f"{slug}.png"))
         strips.append((row.name, images[:GRID_PROMPTS]))
-        print(f"  {row.name}: judge acc {results[-1]['judge_accuracy']:.3f}", file=sys.stderr)
     _labelled_grid(strips).save(os.path.join(out_dir, "grids", "side_by_side.png"))
     meta = {"num_prompts": num_prompts, "prompt_seed": prompt_seed, "latent_seed": seed, "guidance": guidance,
             "prompts": prompts[:GRID_PROMPTS], "fid_reference": "judge features of renders of the same held-out scenes",

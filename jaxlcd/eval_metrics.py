@@ -3,6 +3,7 @@ distance between feature sets (FID with the judge as the feature network) and hi
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import scipy.linalg
@@ -60,7 +61,9 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
         raise ValueError(f"feature sets must be [N,D] and [M,D] with N, M >= 2; got {a.shape} and {b.shape}.")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+    with warnings.catch_warnings():  # rank-deficient covariances (N < D) are expected; the result is checked below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():
         log.warning("frechet_distance: singular product of covariances; adding %g to the diagonals", eps)
         offset = np.eye(len(cov_a)) * eps
