@@ -15,7 +15,8 @@ def test_shortened_demo_job_trains_both_students_and_writes_the_table(tmp_path):
     cmd = [sys.executable, "-m", "jaxlcd.main", f"--config={REPO}/configs/rglcd.py", f"--workdir={workdir}",
            "--config.total_steps=2", "--config.per_device_batch=1", "--config.shapes_examples=64",
            "--config.demo.eval_prompts=4", "--config.log_every=1"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user runs it (compiles faster than conftest's 8)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| teacher DDIM-50 |" in proc.stdout
     rows = json.loads((workdir / "eval" / "results.json").read_text())["rows"]
