@@ -104,7 +104,8 @@ def resolve_inputs(cfg, workdir: str) -> tuple[str, str]:
     the shipped teacher and SHAPES_DATA (the shapes dataset, generated in the workdir)."""
     teacher, data = cfg.teacher, cfg.data_dir
     if cfg.variant.startswith("demo"):
-        return os.path.abspath(teacher or demo.demo_path("teacher")), data or SHAPES_DATA
+        data = SHAPES_DATA if data in ("", SHAPES_DATA) else os.path.abspath(data)
+        return os.path.abspath(teacher or demo.demo_path("teacher")), data
     if cfg.variant == "tiny":
         from jaxlcd.data.tiny_folder import write_tiny_folder
 
