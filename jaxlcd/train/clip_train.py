@@ -13,14 +13,13 @@ import os
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxlcd import parallel
 from jaxlcd.data.shapes import make_shapes_iterator
 from jaxlcd.models import clip as clip_lib
 from jaxlcd.rewards.preprocess import reward_pixels
 from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
-from jaxlcd.train.lrm_pretrain import MAX_LOGIT_SCALE, clip_loss
+from jaxlcd.train.lrm_pretrain import MAX_LOGIT_SCALE, clip_loss, contrastive_optimizer, contrastive_update
 from jaxlcd.train.simple_loop import run_loop
 from jaxlcd.weights import save_component
 
@@ -41,12 +40,7 @@ def make_clip_step(module: clip_lib.CLIPModel, tx):
         return clip_loss(norm(img.astype(jnp.float32)), norm(txt.astype(jnp.float32)), scale)
 
     def step(state, frozen, batch):
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
-                   opt_state=opt_state)
-        return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads),
-                     "logit_scale": jnp.exp(state["params"]["logit_scale"])}
+        return contrastive_update(state, tx, lambda p: loss_fn(p, batch))
 
     return step
 
@@ -57,8 +51,7 @@ def train_clip(cfg, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     module = clip_lib.build(cfg.clip.to_dict())
     params = jax.jit(module.init)(jax.random.PRNGKey(cfg.seed), *clip_lib.dummy_inputs(module))["params"]
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps)
-    tx = optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=cfg.weight_decay)
+    tx = contrastive_optimizer(cfg)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     tok_dir = build_clip_tokenizer_files(os.path.join(workdir, "tokenizer"))
     batch = cfg.per_device_batch * jax.device_count()

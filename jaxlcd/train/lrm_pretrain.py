@@ -50,14 +50,27 @@ def make_pretrain_step(module: lrm_lib.LatentRewardModel, vae, tx):
             scale = jnp.minimum(jnp.exp(p["logit_scale"].astype(jnp.float32)), MAX_LOGIT_SCALE)
             return clip_loss(img, txt, scale)
 
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
-                   opt_state=opt_state)
-        return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads),
-                     "logit_scale": jnp.exp(state["params"]["logit_scale"])}
+        return contrastive_update(state, tx, loss_fn)
 
     return step
+
+
+def contrastive_update(state: dict, tx, loss_fn):
+    """One optimizer step of ``loss_fn(params) -> (loss, accuracy)`` (e.g. `clip_loss`) on ``state`` {"step",
+    "params" (with a "logit_scale" leaf), "opt_state", ...} -> (new state, metrics dict of scalars)."""
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates), opt_state=opt_state)
+    return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads),
+                 "logit_scale": jnp.exp(state["params"]["logit_scale"])}
+
+
+def contrastive_optimizer(cfg):
+    """AdamW as CLIP (b2 0.98, eps 1e-6) with linear warmup then cosine decay, from cfg.learning_rate,
+    warmup_steps, total_steps and weight_decay."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.total_steps - 1),
+                                                  cfg.total_steps)
+    return optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=cfg.weight_decay)
 
 
 def _initial_lrm(cfg, workdir: str, latent_size: int):
@@ -93,9 +106,7 @@ def pretrain(cfg, workdir: str) -> dict:
     module, params = _initial_lrm(cfg, workdir, cfg.resolution // 8)
     tok_dir = build_clip_tokenizer_files(os.path.join(workdir, "lrm_tokenizer"))
     lrm = LatentReward(module, params, load_tokenizer(tok_dir))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.total_steps - 1),
-                                                  cfg.total_steps)
-    tx = optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=cfg.weight_decay)
+    tx = contrastive_optimizer(cfg)
     state = {"step": jnp.zeros((), jnp.int32), "params": jax.tree_util.tree_map(jnp.asarray, params),
              "opt_state": tx.init(params), "rng": jax.random.PRNGKey(cfg.seed)}
 

@@ -70,10 +70,15 @@ class ArrayBatches:
     def __next__(self) -> dict:
         if self.pos + self.batch_size > self.n:
             self.epoch, self.pos = self.epoch + 1, 0
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        idx = np.sort(order[self.pos:self.pos + self.batch_size])
+        idx = np.sort(self._order(self.epoch)[self.pos:self.pos + self.batch_size])
         self.pos += self.batch_size
         return {k: v[idx] for k, v in self.arrays.items()}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """This epoch's permutation of the N examples, drawn once per epoch from (seed, epoch)."""
+        if getattr(self, "_cached_epoch", None) != epoch:
+            self._cached_epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm
 
     def get_state(self) -> str:
         return json.dumps({"epoch": self.epoch, "pos": self.pos})

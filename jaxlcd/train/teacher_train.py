@@ -106,9 +106,10 @@ def train_teacher(cfg, workdir: str) -> dict:
         assemble_teacher(teacher_dir, cfg.vae, cfg.clip, cfg.unet.to_dict(), cfg.prediction_type, cfg.seed)
     pipe = load_pipeline(teacher_dir)
     batch = cfg.per_device_batch * jax.device_count()
+    encode_batch = min(64, cfg.num_examples)
     it = make_shapes_iterator(os.path.join(workdir, "data"), num_examples=cfg.num_examples, resolution=cfg.resolution,
-                              seed=cfg.data_seed, tokenizer=pipe.tokenizer, batch_size_per_host=min(64, cfg.num_examples))
-    arrays = cache_moments(pipe, it, max(1, cfg.num_examples // 64), os.path.join(workdir, "latents.npz"))
+                              seed=cfg.data_seed, tokenizer=pipe.tokenizer, batch_size_per_host=encode_batch)
+    arrays = cache_moments(pipe, it, cfg.num_examples // encode_batch, os.path.join(workdir, "latents.npz"))
     schedule_fn = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule_fn, weight_decay=cfg.weight_decay))
     params = pipe.unet_params
