@@ -65,7 +65,7 @@ def test_teacher_trainer_writes_a_pipeline_diffusers_samples_with_the_clip_text_
     from jaxlcd.train.vae_train import train_vae
 
     vae_cfg = load_config("tiny", "demo_vae.py")
-    vae_cfg.total_steps = 1
+    vae_cfg.total_steps = 2   # warmup 1 + one decay step (optax needs decay_steps > 0)
     train_vae(vae_cfg, str(tmp_path / "vae_run"))
     cfg = load_config("tiny", "demo_teacher.py")
     cfg.vae, cfg.clip = str(tmp_path / "vae_run" / "vae"), tiny_clip_dir
