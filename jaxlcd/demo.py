@@ -43,6 +43,18 @@ def baseline_config(cfg, name: str):
     return sub
 
 
+def _share_data(cfg, workdir: str, sub_dir: str) -> None:
+    """Prepare the shapes dataset once in ``workdir/data`` and link ``sub_dir/data`` to it (a baseline run trains
+    on the same scenes; generating them again would cost ~15 s of the demo's budget)."""
+    from jaxlcd.train import setup
+
+    if cfg.data_dir not in ("", setup.SHAPES_DATA) or os.path.exists(os.path.join(sub_dir, "data")):
+        return
+    setup.prepare_data(setup.SHAPES_DATA, os.path.join(workdir, "data"), cfg.resolution, cfg.shapes_examples)
+    os.makedirs(sub_dir, exist_ok=True)
+    os.symlink(os.path.abspath(os.path.join(workdir, "data")), os.path.join(sub_dir, "data"))
+
+
 def run_demo(cfg, workdir: str) -> list[dict]:
     """Train ``cfg.demo.baselines`` (in ``workdir/baselines/NAME``), then ``cfg`` itself in ``workdir``, then evaluate
     on ``cfg.demo.eval_prompts`` held-out prompts (`jaxlcd.eval`); every part resumes when rerun. Returns the rows."""
@@ -50,8 +62,10 @@ def run_demo(cfg, workdir: str) -> list[dict]:
     from jaxlcd.train import loop
 
     for name in cfg.demo.baselines:
-        print(f"demo: training the {name} baseline in {os.path.join(workdir, 'baselines', name)}")
-        loop.train(baseline_config(cfg, name), os.path.join(workdir, "baselines", name))
+        sub_dir = os.path.join(workdir, "baselines", name)
+        print(f"demo: training the {name} baseline in {sub_dir}")
+        _share_data(cfg, workdir, sub_dir)
+        loop.train(baseline_config(cfg, name), sub_dir)
     loop.train(cfg, workdir)
     if not cfg.demo.eval_prompts:
         return []

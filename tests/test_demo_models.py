@@ -15,11 +15,15 @@ from jaxlcd.train.vae_train import train_vae
 def test_vae_trainer_writes_a_diffusers_vae_with_unit_variance_latents(tmp_path):
     cfg = load_config("tiny", "demo_vae.py")
     cfg.total_steps, cfg.log_every, cfg.checkpoint_every = 2, 1, 1
+    cfg.judge = "demo"   # the acceptance check at every checkpoint (the judge resizes the 32 px reconstructions)
     train_vae(cfg, str(tmp_path))
     cfg.total_steps = 3
     last = train_vae(cfg, str(tmp_path))   # resumes at step 2
-    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3]
+    assert [m["step"] for m in lines if "judge_acc" in m] == [1, 2, 3]
     assert np.isfinite(last["loss"]) and last["mse"] > 0 and last["kl"] >= 0
+    assert all(0.0 <= last[k] <= 1.0 for k in ("judge_acc", "judge_shape", "judge_colour")) and last["rec_mse"] > 0
 
     vae = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "vae")).eval()
     assert vae.config.scaling_factor == last["scaling_factor"]

@@ -15,14 +15,15 @@ from jaxlcd.train import checkpoint
 
 
 def run_loop(workdir: str, cfg, mesh, state: Any, step_fn: Callable, frozen: Any, iterator, make_batch: Callable,
-             desc: str) -> tuple:
+             desc: str, evaluate: Callable | None = None) -> tuple:
     """Train ``state`` for ``cfg.total_steps`` steps; rerunning in the same workdir resumes.
 
     step_fn(state, frozen, batch) -> (state, metrics dict of scalars) (jitted here, state donated; ``frozen``:
     params that do not train, passed as arguments rather than baked into the executable);
     iterator: a `jaxlcd.data.TrainIterator` (host batches, checkpointable); make_batch(host batch) -> device batch.
     cfg supplies total_steps, log_every, checkpoint_every, keep_checkpoints. State and frozen params are replicated
-    over ``mesh`` (these models are small; the batch is split over it). Returns (state, last logged metrics).
+    over ``mesh`` (these models are small; the batch is split over it). ``evaluate(state) -> dict of floats``, if
+    given, runs at every checkpoint; its values join that step's metrics. Returns (state, last logged metrics).
     """
     state, frozen = jax.device_put((state, frozen), parallel.replicated(mesh))  # as the step's outputs: no recompile
     ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
@@ -49,6 +50,12 @@ def run_loop(workdir: str, cfg, mesh, state: Any, step_fn: Callable, frozen: Any
                 bar.set_postfix(loss=f"{last['loss']:.4g}")
             if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
                 ckpt.save(step, state, json.loads(iterator.get_state()))
+                if evaluate is not None:
+                    scores = evaluate(state)
+                    last = dict(last, **scores)
+                    metrics_file.write(json.dumps({"step": step, **scores}) + "\n")
+                    metrics_file.flush()
+                    bar.write(f"{desc} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     finally:
         bar.close()
         ckpt.close()

@@ -6,9 +6,13 @@ DDIM scheduler config and the UNet trained here (epsilon or v prediction, 10 % c
 guidance, EMA weights exported). The training images pass once through the grain pipeline and the frozen VAE
 encoder; their posterior moments are cached in ``<workdir>/latents.npz`` and a fresh posterior sample is drawn
 every step.
+
+Progress check (``cfg.judge``, ``cfg.eval_prompts``): at every checkpoint the EMA UNet samples ``eval_prompts``
+held-out prompts with DDIM-50 and CFG 7.5 (the evaluation's teacher row) and the demo judge scores them.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,13 +23,15 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxlcd import parallel
+from jaxlcd import eval_metrics, parallel
+from jaxlcd.data import shapes
 from jaxlcd.data.shapes import make_shapes_iterator
 from jaxlcd.models import clip_text, unet as unet_lib, vae as vae_lib
-from jaxlcd.pipeline import load_pipeline
+from jaxlcd.pipeline import load_pipeline, sample_ddim
 from jaxlcd.tokenizer import build_clip_tokenizer_files, tokenize
 from jaxlcd.train.simple_loop import ArrayBatches, run_loop
 from jaxlcd.train.tiny import SD_DDIM_SCHEDULER, write_pipeline_index
+from jaxlcd.train.vae_train import demo_judge_dir
 from jaxlcd.weights import load_component, save_component
 
 log = logging.getLogger("jaxlcd")
@@ -98,6 +104,23 @@ def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float):
     return step
 
 
+def sample_check(pipe, unet_params, judge_dir: str, num_prompts: int = 64, steps: int = 50,
+                 guidance: float = 7.5, seed: int = 0) -> dict:
+    """The judge (folder ``judge_dir``) on DDIM-``steps`` samples (CFG ``guidance``, latent seed ``seed``) of
+    ``pipe`` with ``unet_params``, for the first ``num_prompts`` held-out prompts: {"ddim_judge_acc" (all
+    attributes right), "ddim_judge_shape", "ddim_judge_colour", "ddim_judge_background"}, floats."""
+    from jaxlcd.models import judge as judge_lib
+
+    prompts = shapes.eval_prompts(num_prompts)
+    pipe = dataclasses.replace(pipe, unet_params=unet_params)
+    z = jax.random.normal(jax.random.PRNGKey(seed), (num_prompts,) + pipe.latent_shape)
+    _, images = sample_ddim(pipe, prompts, steps, guidance, latents=z)
+    predicted, _ = judge_lib.predict(*judge_lib.load_judge(judge_dir), np.asarray(images, np.float32))
+    per_attribute = eval_metrics.attribute_accuracy(predicted, prompts)
+    return {"ddim_judge_acc": eval_metrics.scene_accuracy(predicted, prompts),
+            **{f"ddim_judge_{k}": per_attribute[k] for k in ("shape", "colour", "background")}}
+
+
 def train_teacher(cfg, workdir: str) -> dict:
     """Train (or resume) the teacher UNet; writes the pipeline folder ``<workdir>/teacher`` (EMA UNet weights)."""
     os.makedirs(workdir, exist_ok=True)
@@ -119,9 +142,12 @@ def train_teacher(cfg, workdir: str) -> dict:
     uncond_ids = jnp.asarray(tokenize(pipe.tokenizer, [""])[0])
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     step_fn = make_teacher_step(pipe, tx, uncond_ids, cfg.p_uncond, cfg.ema_decay)
+    judge_dir = demo_judge_dir(cfg.judge)
+    evaluate = (lambda st: sample_check(pipe, jax.device_get(st["ema"]), judge_dir, cfg.eval_prompts)
+                ) if judge_dir and cfg.eval_prompts else None
     state, last = run_loop(workdir, cfg, mesh, state, step_fn, pipe.text_params,
                            ArrayBatches(arrays, batch, cfg.data_seed), lambda h: parallel.global_batch(h, mesh),
-                           "teacher")
+                           "teacher", evaluate)
     save_component(pipe.unet, jax.device_get(state["ema"]), os.path.join(teacher_dir, "unet"))
     log.info("saved the teacher pipeline to %s (last loss %.4g)", teacher_dir, last.get("loss", float("nan")))
     return last

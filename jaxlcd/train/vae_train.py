@@ -3,6 +3,10 @@
 Loss = mean squared reconstruction error + kl_weight * KL(posterior || N(0, I)) per latent element. After training,
 ``scaling_factor`` = 1 / std of the latents of a few training batches (the Stable Diffusion convention), so the
 diffusion latents have unit variance. The result is a diffusers ``vae/`` folder at ``<workdir>/vae``.
+
+Acceptance check (``cfg.judge``): the demo judge's scene accuracy on the VAE's reconstructions of held-out scenes, at
+every checkpoint and at the end. It bounds what any teacher built on this VAE can score, so a VAE below
+``cfg.min_judge_accuracy`` is reported as not good enough for the demo teacher.
 """
 from __future__ import annotations
 
@@ -15,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlcd import parallel
+from jaxlcd import eval_metrics, parallel
+from jaxlcd.data import shapes
 from jaxlcd.data.shapes import make_shapes_iterator
 from jaxlcd.models import vae as vae_lib
 from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
@@ -68,6 +73,34 @@ def latent_scaling_factor(vae, params, batches) -> float:
     return float(1.0 / z.std())
 
 
+def reconstruction_check(vae, params, judge_dir: str, num_scenes: int = 256, resolution: int = 64) -> dict:
+    """The judge (folder ``judge_dir``) on the VAE's reconstructions (posterior mode, decoded, clipped) of the first
+    ``num_scenes`` held-out scenes rendered at ``resolution``: {"judge_acc" (all attributes right), "judge_shape",
+    "judge_colour", "rec_mse" (on [-1, 1])}, floats."""
+    from jaxlcd.models import judge as judge_lib
+
+    module, judge_params = judge_lib.load_judge(judge_dir)
+    scenes = shapes.eval_scenes(num_scenes)
+    prompts = [shapes.caption(s, template=0) for s in scenes]
+    x = np.stack([shapes.render(s, resolution) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    roundtrip = jax.jit(lambda p, x: vae.apply({"params": p}, vae_lib.latent_dist_mode(
+        vae.apply({"params": p}, x, method=vae.encode)), method=vae.decode))
+    rec = np.concatenate([np.asarray(roundtrip(params, x[i:i + 64]), np.float32) for i in range(0, len(x), 64)])
+    rec = np.clip(rec, -1.0, 1.0)
+    predicted, _ = judge_lib.predict(module, judge_params, (rec + 1.0) / 2.0)
+    per_attribute = eval_metrics.attribute_accuracy(predicted, prompts)
+    return {"judge_acc": eval_metrics.scene_accuracy(predicted, prompts), "judge_shape": per_attribute["shape"],
+            "judge_colour": per_attribute["colour"], "rec_mse": float(np.mean((rec - x) ** 2))}
+
+
+def demo_judge_dir(judge: str) -> str:
+    """A config's ``judge`` value as a folder: "demo" is the shipped judge; "" (no check) and paths pass through."""
+    if judge == "demo":
+        from jaxlcd.demo import demo_path
+        return demo_path("judge")
+    return judge
+
+
 def train_vae(cfg, workdir: str) -> dict:
     """Train (or resume) the VAE on the shapes dataset; writes ``<workdir>/vae``. Returns the last metrics."""
     os.makedirs(workdir, exist_ok=True)
@@ -77,18 +110,26 @@ def train_vae(cfg, workdir: str) -> dict:
                               seed=cfg.seed, tokenizer=tok, batch_size_per_host=batch // jax.process_count())
     vae = vae_lib.build(dict(cfg.vae))
     params = jax.jit(vae.init)(jax.random.PRNGKey(cfg.seed), *vae_lib.SPEC.dummy_inputs(vae))["params"]
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps),
-                     weight_decay=cfg.weight_decay)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps),
+        weight_decay=cfg.weight_decay))
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
              "rng": jax.random.PRNGKey(cfg.seed + 1)}
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     make_batch = lambda host: parallel.global_batch({"pixels": host["pixels"]}, mesh)
     step_fn = make_vae_step(vae, tx, cfg.kl_weight, cfg.object_weight)
-    state, last = run_loop(workdir, cfg, mesh, state, step_fn, None, it, make_batch, "vae")
+    judge_dir = demo_judge_dir(cfg.judge)
+    evaluate = (lambda st: reconstruction_check(vae, jax.device_get(st["params"]), judge_dir,
+                                                resolution=cfg.resolution)) if judge_dir else None
+    state, last = run_loop(workdir, cfg, mesh, state, step_fn, None, it, make_batch, "vae", evaluate)
     params = jax.device_get(state["params"])
     sf = latent_scaling_factor(vae, params, [next(it)["pixels"] for _ in range(4)])
     vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=sf))
     save_component(vae, params, os.path.join(workdir, "vae"))
     log.info("saved the VAE to %s (scaling_factor %.4f, last mse %.4g)", os.path.join(workdir, "vae"), sf,
              last.get("mse", float("nan")))
+    if "judge_acc" in last:
+        verdict = "passes" if last["judge_acc"] >= cfg.min_judge_accuracy else "FAILS"
+        log.info("acceptance: judge accuracy on reconstructions of held-out scenes %.3f (shape %.3f) %s the bar "
+                 "%.2f", last["judge_acc"], last["judge_shape"], verdict, cfg.min_judge_accuracy)
     return dict(last, scaling_factor=sf)
