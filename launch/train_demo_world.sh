@@ -4,12 +4,12 @@
 set -euo pipefail
 RUNS=${1:-runs/demo_world}
 main() { python -m jaxlcd.main "$@"; }
-main --config=configs/demo_vae.py --workdir="$RUNS/vae"
+main --config=configs/demo_judge.py --workdir="$RUNS/judge"   # first: the VAE and teacher checks use it
+main --config=configs/demo_vae.py --workdir="$RUNS/vae" --config.judge="$RUNS/judge/judge"
 main --config=configs/demo_clip.py --workdir="$RUNS/clip"
 main --config=configs/demo_clip.py:scorer --workdir="$RUNS/scorer"
-main --config=configs/demo_judge.py --workdir="$RUNS/judge"
 main --config=configs/demo_teacher.py --workdir="$RUNS/teacher" --config.vae="$RUNS/vae/vae" \
-    --config.clip="$RUNS/clip/clip"
+    --config.clip="$RUNS/clip/clip" --config.judge="$RUNS/judge/judge"
 main --config=configs/lrm_pretrain.py:demo --workdir="$RUNS/lrm" --config.teacher="$RUNS/teacher/teacher"
 python - "$RUNS" <<'PY'
 import sys
