@@ -20,6 +20,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.job = "vae"
     c.variant = arg
     c.vae = dict(VAE)              # diffusers AutoencoderKL config
+    c.init_from = ""               # a vae/ folder to continue from (a second phase: fresh optimizer and schedule)
     c.resolution = 64
     c.num_examples = 20_000        # shapes scenes 0 .. num_examples - 1 (training stream, no held-out pairs)
     c.per_device_batch = 8         # ~1.25 s/step on one CPU core

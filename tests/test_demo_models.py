@@ -33,6 +33,13 @@ def test_vae_trainer_writes_a_diffusers_vae_with_unit_variance_latents(tmp_path)
         z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
     assert 0.5 < float(z.std()) < 2.0   # scaled latents have about unit variance on unseen scenes
 
+    # a second phase starts from the saved folder: with learning rate 0 its weights come back unchanged
+    cfg.init_from, cfg.learning_rate, cfg.total_steps, cfg.judge = str(tmp_path / "vae"), 0.0, 2, ""
+    train_vae(cfg, str(tmp_path / "phase2"))
+    again = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "phase2" / "vae")).eval()
+    for (name, a), b in zip(vae.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):

@@ -25,7 +25,7 @@ from jaxlcd.data.shapes import make_shapes_iterator
 from jaxlcd.models import vae as vae_lib
 from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
 from jaxlcd.train.simple_loop import run_loop
-from jaxlcd.weights import save_component
+from jaxlcd.weights import load_component, save_component
 
 log = logging.getLogger("jaxlcd")
 
@@ -108,8 +108,11 @@ def train_vae(cfg, workdir: str) -> dict:
     batch = cfg.per_device_batch * jax.device_count()
     it = make_shapes_iterator(os.path.join(workdir, "data"), num_examples=cfg.num_examples, resolution=cfg.resolution,
                               seed=cfg.seed, tokenizer=tok, batch_size_per_host=batch // jax.process_count())
-    vae = vae_lib.build(dict(cfg.vae))
-    params = jax.jit(vae.init)(jax.random.PRNGKey(cfg.seed), *vae_lib.SPEC.dummy_inputs(vae))["params"]
+    if cfg.init_from:  # a second training phase (fresh optimizer and schedule) from a saved vae/ folder
+        vae, params = load_component(cfg.init_from)   # its config replaces cfg.vae
+    else:
+        vae = vae_lib.build(dict(cfg.vae))
+        params = jax.jit(vae.init)(jax.random.PRNGKey(cfg.seed), *vae_lib.SPEC.dummy_inputs(vae))["params"]
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(
         optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps),
         weight_decay=cfg.weight_decay))
