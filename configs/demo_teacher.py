@@ -34,6 +34,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.learning_rate = 1e-3         # AdamW after global-norm clipping at 1, linear warmup then cosine decay
     c.warmup_steps = 100
     c.weight_decay = 0.0
+    c.snr_gamma = 0.0              # min-SNR-gamma loss weighting (0: plain MSE; 5 is the paper's choice)
     c.p_uncond = 0.1               # caption dropout (classifier-free guidance)
     c.ema_decay = 0.998            # the exported UNet is the EMA
     c.log_every = 50

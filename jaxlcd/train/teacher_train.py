@@ -74,9 +74,19 @@ def cache_moments(pipe, iterator, num_batches: int, path: str) -> dict:
     return arrays
 
 
-def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float):
+def min_snr_weight(abar_t, gamma: float, prediction_type: str):
+    """Min-SNR-gamma loss weight (Hang et al. 2023) for abar_t [B] float32 -> [B]: min(SNR, gamma) / SNR for epsilon
+    targets, / (SNR + 1) for v targets, so the weighted loss is an x0 loss capped at gamma; gamma = 0 gives ones."""
+    if not gamma:
+        return jnp.ones_like(abar_t)
+    snr = abar_t / (1.0 - abar_t)
+    return jnp.minimum(snr, gamma) / (snr if prediction_type == "epsilon" else snr + 1.0)
+
+
+def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, snr_gamma: float = 0.0):
     """``step(state {"step","params","ema","opt_state","rng"}, text params, batch {"moments","input_ids"})``:
-    MSE of the UNet's epsilon / v prediction at t ~ U{0..T-1}, captions replaced by "" with prob ``p_uncond``."""
+    MSE of the UNet's epsilon / v prediction at t ~ U{0..T-1} (weighted by `min_snr_weight`), captions replaced by
+    "" with prob ``p_uncond``."""
     abar = jnp.asarray(pipe.abar, jnp.float32)
 
     def loss_fn(params, text_params, batch, key):
@@ -90,7 +100,8 @@ def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float):
         alpha, sigma = jnp.sqrt(abar[t])[:, None, None, None], jnp.sqrt(1.0 - abar[t])[:, None, None, None]
         out = pipe.unet.apply({"params": params}, alpha * z0 + sigma * eps, t, jax.lax.stop_gradient(ctx))
         target = eps if pipe.prediction_type == "epsilon" else alpha * eps - sigma * z0
-        return jnp.mean((out.astype(jnp.float32) - target) ** 2)
+        per_example = jnp.mean((out.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
+        return jnp.mean(min_snr_weight(abar[t], snr_gamma, pipe.prediction_type) * per_example)
 
     def step(state, text_params, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
@@ -141,7 +152,7 @@ def train_teacher(cfg, workdir: str) -> dict:
              "rng": jax.random.PRNGKey(cfg.seed + 1)}
     uncond_ids = jnp.asarray(tokenize(pipe.tokenizer, [""])[0])
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    step_fn = make_teacher_step(pipe, tx, uncond_ids, cfg.p_uncond, cfg.ema_decay)
+    step_fn = make_teacher_step(pipe, tx, uncond_ids, cfg.p_uncond, cfg.ema_decay, cfg.snr_gamma)
     judge_dir = demo_judge_dir(cfg.judge)
     evaluate = (lambda st: sample_check(pipe, jax.device_get(st["ema"]), judge_dir, cfg.eval_prompts)
                 ) if judge_dir and cfg.eval_prompts else None
