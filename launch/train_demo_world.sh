@@ -5,7 +5,14 @@ set -euo pipefail
 RUNS=${1:-runs/demo_world}
 main() { python -m jaxlcd.main "$@"; }
 main --config=configs/demo_judge.py --workdir="$RUNS/judge"   # first: the VAE and teacher checks use it
-main --config=configs/demo_vae.py --workdir="$RUNS/vae" --config.judge="$RUNS/judge/judge"
+# the VAE in three phases, each a fresh optimizer from the last one's vae/ folder (judge on reconstructions of held-out
+# scenes, measured: 0.660 after phase 1, 0.750 after phase 2; phase 3 in progress)
+vae() { main --config=configs/demo_vae.py --config.judge="$RUNS/judge/judge" "$@"; }
+vae --workdir="$RUNS/vae1"
+vae --workdir="$RUNS/vae2" --config.init_from="$RUNS/vae1/vae" --config.edge_weight=1.0 --config.learning_rate=3e-4 \
+    --config.warmup_steps=100 --config.total_steps=4000
+vae --workdir="$RUNS/vae" --config.init_from="$RUNS/vae2/vae" --config.edge_weight=1.0 --config.learning_rate=3e-4 \
+    --config.warmup_steps=100 --config.total_steps=6000
 main --config=configs/demo_clip.py --workdir="$RUNS/clip"
 main --config=configs/demo_clip.py:scorer --workdir="$RUNS/scorer"
 main --config=configs/demo_teacher.py --workdir="$RUNS/teacher" --config.vae="$RUNS/vae/vae" \
