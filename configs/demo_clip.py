@@ -19,7 +19,7 @@ VARIANTS = ("demo", "scorer", "tiny")
 
 
 def clip_config(text: dict, vision: dict, projection_dim: int) -> dict:
-    return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": projection_dim,
+    return {"architectures": ("CLIPModel",), "model_type": "clip", "projection_dim": projection_dim,
             "logit_scale_init_value": 2.6592, "text_config": text, "vision_config": vision}
 
 

@@ -10,9 +10,9 @@ Writes WORKDIR/teacher, a diffusers StableDiffusionPipeline folder (the CLIP's t
 import ml_collections
 
 UNET = {"_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
-        "block_out_channels": [32, 64], "layers_per_block": 1,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 64,
+        "block_out_channels": (32, 64), "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), "cross_attention_dim": 64,
         "attention_head_dim": 8, "norm_num_groups": 16}
 
 
@@ -44,7 +44,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.judge = "demo"               # judge folder for the progress check at each checkpoint ("demo": shipped; "": none)
     c.eval_prompts = 64            # held-out prompts sampled with DDIM-50 + CFG 7.5 for that check (0: none)
     if arg == "tiny":
-        c.unet = dict(UNET, block_out_channels=[16, 32], attention_head_dim=4, cross_attention_dim=32)
+        c.unet = dict(UNET, block_out_channels=(16, 32), attention_head_dim=4, cross_attention_dim=32)
         c.resolution, c.num_examples, c.per_device_batch, c.total_steps = 32, 32, 4, 6
         c.warmup_steps, c.log_every, c.checkpoint_every, c.judge = 1, 3, 3, ""
     return c

@@ -8,8 +8,8 @@ Writes runs/demo_vae/vae (a diffusers vae/ folder) with scaling_factor = 1 / std
 import ml_collections
 
 VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-       "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-       "block_out_channels": [16, 32, 64, 128], "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 64,
+       "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+       "block_out_channels": (16, 32, 64, 128), "layers_per_block": 1, "norm_num_groups": 16, "sample_size": 64,
        "act_fn": "silu", "scaling_factor": 1.0}
 
 
@@ -40,7 +40,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.judge = "demo"               # judge folder for the acceptance check ("demo": the shipped judge; "": none)
     c.min_judge_accuracy = 0.95    # judge scene accuracy on reconstructions of held-out scenes
     if arg == "tiny":
-        c.vae = dict(VAE, block_out_channels=[16, 16, 16, 16], sample_size=32)
+        c.vae = dict(VAE, block_out_channels=(16, 16, 16, 16), sample_size=32)
         c.resolution, c.num_examples, c.per_device_batch, c.total_steps = 32, 32, 1, 8
         c.warmup_steps, c.log_every, c.checkpoint_every, c.judge = 1, 4, 4, ""
     return c

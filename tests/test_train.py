@@ -8,6 +8,7 @@ import time
 
 import diffusers
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -149,6 +150,20 @@ def test_cli_reports_config_errors(inputs, tmp_path):
     assert bad.returncode == 2 and "error: lcd.w_min=20.0 is larger than lcd.w_max=15.0" in bad.stderr
     typo = subprocess.run(cli(inputs, str(tmp_path / "w"), "--config.lcd.w_mn=3"), capture_output=True, text=True)
     assert typo.returncode != 0 and "w_mn" in typo.stderr
+
+
+@pytest.mark.parametrize("file", sorted(f for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py")))
+def test_every_config_field_can_be_overridden_from_the_command_line(file):
+    """ml_collections' flags cannot override a list (e.g. --config.unet.block_out_channels='(64,128)'): use tuples."""
+    def lists(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                yield from lists(value, f"{prefix}{key}.")
+            elif isinstance(value, list):
+                yield prefix + key
+
+    for variant in ("tiny", "demo"):
+        assert list(lists(load_config(variant, file))) == [], variant
 
 
 def test_sharded_step_matches_single_device(inputs):
