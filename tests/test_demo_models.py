@@ -135,6 +135,22 @@ def test_min_snr_weight_matches_the_diffusers_training_recipe():
     assert np.all(np.asarray(min_snr_weight(abar, 0.0, "epsilon")) == 1.0)
 
 
+def test_teacher_ema_follows_the_diffusers_ema_model_warmup():
+    from diffusers.training_utils import EMAModel
+    from jaxlcd.train.teacher_train import ema_decay_at
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    ema_model, ema = EMAModel([weight], decay=0.999), np.full(3, 7.0)  # our EMA starts from an unrelated value
+    for step in range(40):
+        with torch.no_grad():
+            weight.copy_(torch.randn(3))
+        ema_model.step([weight])
+        decay = float(ema_decay_at(step, 0.999))
+        ema = decay * ema + (1.0 - decay) * weight.detach().numpy()
+        np.testing.assert_allclose(ema, ema_model.shadow_params[0].numpy(), rtol=1e-5, atol=1e-6)
+    assert float(ema_decay_at(100_000, 0.999)) == np.float32(0.999)
+
+
 def test_edge_error_prefers_a_sharp_edge_to_a_blurred_one():
     from jaxlcd.train.vae_train import edge_error
 

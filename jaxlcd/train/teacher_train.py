@@ -83,10 +83,18 @@ def min_snr_weight(abar_t, gamma: float, prediction_type: str):
     return jnp.minimum(snr, gamma) / (snr if prediction_type == "epsilon" else snr + 1.0)
 
 
+def ema_decay_at(step, max_decay: float):
+    """The EMA decay for update number ``step`` (int32 scalar, 0 for the first update): diffusers' ``EMAModel``
+    warmup, 0 at step 0 (the EMA starts as a copy), then min(max_decay, (1 + step) / (10 + step)), so early EMA
+    weights are not dominated by the random initialisation."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.where(step > 0, jnp.minimum(max_decay, (1.0 + step) / (10.0 + step)), 0.0)
+
+
 def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, snr_gamma: float = 0.0):
     """``step(state {"step","params","ema","opt_state","rng"}, text params, batch {"moments","input_ids"})``:
     MSE of the UNet's epsilon / v prediction at t ~ U{0..T-1} (weighted by `min_snr_weight`), captions replaced by
-    "" with prob ``p_uncond``."""
+    "" with prob ``p_uncond``; the EMA follows `ema_decay_at`."""
     abar = jnp.asarray(pipe.abar, jnp.float32)
 
     def loss_fn(params, text_params, batch, key):
@@ -108,7 +116,8 @@ def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, s
         loss, grads = jax.value_and_grad(loss_fn)(state["params"], text_params, batch, key)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+        decay = ema_decay_at(state["step"], ema_decay)
+        ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
         return (dict(state, step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state),
                 {"loss": loss, "grad_norm": optax.global_norm(grads)})
 
