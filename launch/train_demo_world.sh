@@ -6,7 +6,7 @@ RUNS=${1:-runs/demo_world}
 main() { python -m jaxlcd.main "$@"; }
 main --config=configs/demo_judge.py --workdir="$RUNS/judge"   # first: the VAE and teacher checks use it
 # the VAE in three phases, each a fresh optimizer from the last one's vae/ folder (judge on reconstructions of held-out
-# scenes, measured: 0.660 after phase 1, 0.750 after phase 2; phase 3 in progress)
+# scenes, measured: 0.660 after phase 1, 0.750 after phase 2, 0.859 after phase 3 (shape 0.905, colour 1.0))
 vae() { main --config=configs/demo_vae.py --config.judge="$RUNS/judge/judge" "$@"; }
 vae --workdir="$RUNS/vae1"
 vae --workdir="$RUNS/vae2" --config.init_from="$RUNS/vae1/vae" --config.edge_weight=1.0 --config.learning_rate=3e-4 \
