@@ -79,3 +79,20 @@ def test_a_failing_parallel_baseline_stops_the_demo_with_its_error(tmp_path, mon
         demo.run_demo(cfg, str(tmp_path / "run"))
     assert "no_teacher" in str(failure.value)  # the child's own one-sentence error, then the path of its log
     assert os.path.isfile(tmp_path / "run" / "baselines" / "lcd" / "train.log")
+
+
+def test_eval_generates_the_same_images_in_chunks_as_in_one_batch(tmp_path, monkeypatch):
+    from jaxlcd import eval as eval_lib
+    from tiny_pipeline import make_pipeline_dir
+
+    student = make_pipeline_dir(str(tmp_path / "lcm"), unet_extra={"time_cond_proj_dim": 32})
+    prompts = ["a small red circle on the left, blue background"] * 3 + ["a large green square, white background"] * 5
+    row = eval_lib.Row("LCM 3-step", student, "lcm", 3)
+    guidance = {"ddim": 7.5, "lcm": 8.5}
+    monkeypatch.setattr(eval_lib, "EVAL_CHUNK", 3)   # 8 is not a multiple: one batch, run twice
+    whole, rate = eval_lib.generate(row, prompts, None, 0, guidance)
+    monkeypatch.setattr(eval_lib, "EVAL_CHUNK", 4)   # two chunks: the first compiles, the second is timed
+    chunked, chunked_rate = eval_lib.generate(row, prompts, None, 0, guidance)
+    assert whole.shape == chunked.shape == (8, 32, 32, 3) and rate > 0 and chunked_rate > 0
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    assert np.abs(whole[0] - whole[3]).max() > 1e-3   # different prompts and latents give different images
