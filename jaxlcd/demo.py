@@ -9,10 +9,8 @@ lrm      latent proxy reward model pretrained on the teacher VAE's latents (conf
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
-import sys
 
 # JAXLCD_DEMO_DIR points the demo variants and jaxlcd.eval at another set of demo models (e.g. freshly retrained).
 DEMO_DIR = os.environ.get("JAXLCD_DEMO_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
@@ -57,67 +55,18 @@ def _share_data(cfg, workdir: str, sub_dir: str) -> None:
     os.symlink(os.path.abspath(os.path.join(workdir, "data")), os.path.join(sub_dir, "data"))
 
 
-def _train_logged(cfg, workdir: str, log_path: str) -> None:
-    """Child-process entry: ``loop.train(cfg, workdir)`` with stdout and stderr (its progress bar) in ``log_path``."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    from jaxlcd.train import loop
-
-    try:
-        loop.train(cfg, workdir)
-    except (ValueError, loop.TrainingError) as e:  # one sentence, as jaxlcd.main gives it
-        print(e, file=sys.stderr)
-        sys.exit(2)
-
-
-def _last_line(path: str) -> str:
-    if not os.path.isfile(path):
-        return "it wrote no log"
-    with open(path, errors="replace") as f:
-        lines = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
-    return lines[-1] if lines else "(empty log)"
-
-
 def run_demo(cfg, workdir: str) -> list[dict]:
-    """Train ``cfg.demo.baselines`` (in ``workdir/baselines/NAME``) and ``cfg`` itself in ``workdir``, then evaluate
-    on ``cfg.demo.eval_prompts`` held-out prompts (`jaxlcd.eval`); every part resumes when rerun. Returns the rows.
-    On a single CPU host each baseline trains in its own process alongside the main run: a CPU train step uses
-    about one core well, so two runs take little more wall time than one. Elsewhere they run one after the other."""
-    import jax
-
+    """Train ``cfg.demo.baselines`` (in ``workdir/baselines/NAME``), then ``cfg`` itself in ``workdir``, then evaluate
+    on ``cfg.demo.eval_prompts`` held-out prompts (`jaxlcd.eval`); every part resumes when rerun. Returns the rows."""
     from jaxlcd import eval as eval_lib
     from jaxlcd.train import loop
 
-    parallel = jax.default_backend() == "cpu" and jax.process_count() == 1  # accelerators: one process owns them
-    started = []  # (name, process, log path)
-    try:
-        for name in cfg.demo.baselines:
-            sub_dir = os.path.join(workdir, "baselines", name)
-            _share_data(cfg, workdir, sub_dir)
-            os.makedirs(sub_dir, exist_ok=True)
-            if not parallel:
-                print(f"demo: training the {name} baseline in {sub_dir}")
-                loop.train(baseline_config(cfg, name), sub_dir)
-                continue
-            log_path = os.path.join(sub_dir, "train.log")
-            print(f"demo: training the {name} baseline in {sub_dir} alongside the main run (progress: {log_path})")
-            proc = multiprocessing.get_context("spawn").Process(
-                target=_train_logged, args=(baseline_config(cfg, name), sub_dir, log_path), name=f"baseline-{name}")
-            proc.start()
-            started.append((name, proc, log_path))
-        loop.train(cfg, workdir)
-        for name, proc, log_path in started:
-            if proc.is_alive():
-                print(f"demo: waiting for the {name} baseline ({log_path})")
-            proc.join()
-            if proc.exitcode:
-                raise loop.TrainingError(f"the {name} baseline failed: "
-                                         f"{_last_line(log_path)} (full log: {log_path})")
-    finally:
-        for _, proc, _ in started:
-            if proc.is_alive():
-                proc.terminate()
+    for name in cfg.demo.baselines:
+        sub_dir = os.path.join(workdir, "baselines", name)
+        print(f"demo: training the {name} baseline in {sub_dir}")
+        _share_data(cfg, workdir, sub_dir)
+        loop.train(baseline_config(cfg, name), sub_dir)
+    loop.train(cfg, workdir)
     if not cfg.demo.eval_prompts:
         return []
     print(f"demo: evaluating on {cfg.demo.eval_prompts} held-out prompts")

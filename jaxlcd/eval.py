@@ -6,8 +6,8 @@ Rows: rendered ground truth ("real"), the teacher (DDIM, CFG) and every student 
 and ``DIR/baselines/*``) at each LCM step count. Columns: judge accuracy (every attribute of the prompt right),
 training-RM and held-out-RM scores (cosine), demo FID (judge features, Frechet distance to renders of the same held-out
 scenes), high-frequency energy (share of spectral power above 0.25 cycles/pixel; rises when a student hacks the
-reward with texture) and images/s (after compilation, at batch 32, or all prompts when their number is not a
-multiple of 32). Every row uses the same prompts, the same initial latents and the same LCM noise. Writes DIR/eval/results.json, results.md and grids/*.png.
+reward with texture) and images/s (after compilation, at batch 64, or all prompts when their number is not a
+multiple of 64). Every row uses the same prompts, the same initial latents and the same LCM noise. Writes DIR/eval/results.json, results.md and grids/*.png.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from jaxlcd.rewards import load_reward
 from jaxlcd.sample import make_grid, to_uint8
 
 GRID_PROMPTS = 8  # prompts shown per row of the side-by-side grid
-EVAL_CHUNK = 32  # prompts per sampler call (images/s is measured at this batch size)
+EVAL_CHUNK = 64  # prompts per sampler call (images/s is measured at this batch size)
 COLUMNS = (("judge_accuracy", "judge acc", "{:.3f}"), ("train_rm", "train RM", "{:.4f}"),
            ("heldout_rm", "held-out RM", "{:.4f}"), ("fid", "demo FID", "{:.2f}"),
            ("hf_energy", "HF energy", "{:.4f}"), ("images_per_s", "images/s", "{:.1f}"))

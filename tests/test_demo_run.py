@@ -1,5 +1,6 @@
-"""The default job (the demo world) end to end, shortened: the LCD baseline (in its own process) and RG-LCD with the
-shipped models, then the evaluation table and grids (issue 7)."""
+"""The default job (the demo world) end to end, shortened: RG-LCD with the shipped models, then the evaluation table
+and grids (issue 7). The LCD baseline is the same loop without a reward (tests/test_train.py); here it is skipped to
+keep the default suite short, and `baseline_config` is checked directly."""
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ def test_shortened_demo_job_trains_and_writes_the_table(tmp_path):
     workdir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "jaxlcd.main", f"--config={REPO}/configs/rglcd.py", f"--workdir={workdir}",
            "--config.total_steps=2", "--config.per_device_batch=1", "--config.shapes_examples=64",
-           "--config.demo.eval_prompts=4", "--config.log_every=1"]
+           "--config.demo.eval_prompts=4", "--config.log_every=1", "--config.demo.baselines=()"]
     env = dict(os.environ, XLA_FLAGS="")  # one CPU device, as a user runs it (compiles faster than conftest's 8)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -23,15 +24,12 @@ def test_shortened_demo_job_trains_and_writes_the_table(tmp_path):
     names = [r["name"] for r in rows]
     assert names[:2] == ["real (rendered)", "teacher DDIM-50"]
     assert [n for n in names if n.startswith("RG-LCM")] == [f"RG-LCM (direct: clipscore) {k}-step" for k in (1, 2, 4)]
-    assert [n for n in names if n.startswith("LCM")] == [f"LCM {k}-step" for k in (1, 2, 4)]
     for r in rows:
         assert 0.0 <= r["judge_accuracy"] <= 1.0 and np.isfinite([r["train_rm"], r["heldout_rm"], r["hf_energy"]]).all()
         assert r["sampler"] == "real" or (r["images_per_s"] > 0 and np.isfinite(r["fid"]))
     assert (workdir / "eval" / "results.md").read_text().count("\n| ") == len(rows) + 1
     assert os.path.isfile(workdir / "eval" / "grids" / "side_by_side.png")
-    assert (workdir / "export" / "student" / "model_index.json").is_file()
-    lcd = workdir / "baselines" / "lcd"
-    assert (lcd / "export" / "student" / "model_index.json").is_file() and "train" in (lcd / "train.log").read_text()
+    assert (workdir / "export" / "student" / "model_index.json").is_file() and not (workdir / "baselines").exists()
 
 
 def test_eval_refuses_a_workdir_without_a_run_in_one_sentence(tmp_path, capsys):
@@ -63,22 +61,6 @@ def test_demo_variants_refuse_a_guidance_suffix():
     assert lrm.lrm.enabled and lrm.reward.name == "clipscore"
     with pytest.raises(ValueError, match="unknown demo baseline"):
         baseline_config(cfg, "nope")
-
-
-def test_a_failing_parallel_baseline_stops_the_demo_with_its_error(tmp_path, monkeypatch):
-    import pytest
-
-    from conftest import load_config
-    from jaxlcd import demo
-    from jaxlcd.train import loop
-
-    cfg = load_config("demo")
-    cfg.teacher, cfg.data_dir, cfg.demo.eval_prompts = str(tmp_path / "no_teacher"), str(tmp_path / "images"), 0
-    monkeypatch.setattr(loop, "train", lambda cfg, workdir: {})  # the main run (this process) does nothing
-    with pytest.raises(loop.TrainingError, match="the lcd baseline failed") as failure:
-        demo.run_demo(cfg, str(tmp_path / "run"))
-    assert "no_teacher" in str(failure.value)  # the child's own one-sentence error, then the path of its log
-    assert os.path.isfile(tmp_path / "run" / "baselines" / "lcd" / "train.log")
 
 
 def test_eval_generates_the_same_images_in_chunks_as_in_one_batch(tmp_path, monkeypatch):
