@@ -7,7 +7,8 @@ and ``DIR/baselines/*``) at each LCM step count. Columns: judge accuracy (every 
 training-RM and held-out-RM scores (cosine), demo FID (judge features, Frechet distance to renders of the same held-out
 scenes), high-frequency energy (share of spectral power above 0.25 cycles/pixel; rises when a student hacks the
 reward with texture) and images/s (after compilation, at batch 64, or all prompts when their number is not a
-multiple of 64). Every row uses the same prompts, the same initial latents and the same LCM noise. Writes DIR/eval/results.json, results.md and grids/*.png.
+multiple of 64). Every row uses the same prompts, the same initial latents and the same LCM noise. Writes
+DIR/eval/results.json, results.md and grids/*.png.
 """
 from __future__ import annotations
 
