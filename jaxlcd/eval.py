@@ -87,6 +87,7 @@ def generate(row: Row, prompts: list[str], scenes, seed: int, guidance: dict) ->
     pipe = load_pipeline(row.pipeline)
     n = len(prompts)
     z = jax.random.normal(jax.random.PRNGKey(seed), (n,) + pipe.latent_shape)
+    # LCM noise from the key sample_lcm(rng=PRNGKey(seed + 1)) would use, drawn for all N so that chunks share it
     noises = (jax.random.normal(jax.random.split(jax.random.PRNGKey(seed + 1))[1], (row.steps - 1,) + z.shape)
               if row.sampler == "lcm" and row.steps > 1 else None)
 
