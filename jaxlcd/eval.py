@@ -86,9 +86,9 @@ def generate(row: Row, prompts: list[str], scenes, seed: int, guidance: dict) ->
         return np.stack([shapes.render(s) for s in fresh]).astype(np.float32) / 255.0, float("nan")
     pipe = load_pipeline(row.pipeline)
     n = len(prompts)
-    z = jax.random.normal(jax.random.PRNGKey(seed), (n,) + pipe.latent_shape)
-    # LCM noise from the key sample_lcm(rng=PRNGKey(seed + 1)) would use, drawn for all N so that chunks share it
-    noises = (jax.random.normal(jax.random.split(jax.random.PRNGKey(seed + 1))[1], (row.steps - 1,) + z.shape)
+    # numpy draws: every jax.random shape is a new XLA:CPU compile of threefry (~4 s each)
+    z = np.random.default_rng(seed).standard_normal((n,) + pipe.latent_shape, np.float32)
+    noises = (np.random.default_rng(seed + 1).standard_normal((row.steps - 1,) + z.shape, np.float32)
               if row.sampler == "lcm" and row.steps > 1 else None)
 
     def run(sl: slice) -> np.ndarray:

@@ -9,6 +9,7 @@
 Rerunning the same command resumes from the newest checkpoint in the workdir.
 """
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -30,6 +31,8 @@ def main(argv):
     logging.getLogger("jaxlcd").addHandler(handler)
     logging.getLogger("jaxlcd").setLevel(logging.INFO)
     logging.getLogger("jaxlcd").propagate = False
+    if FLAGS.config.get("xla_flags"):  # read when the XLA backend starts, i.e. at the first JAX computation below
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAGS.config.xla_flags}".strip()
     from jaxlcd.train import loop  # after flag parsing: keeps --help fast
 
     try:

@@ -35,6 +35,7 @@ def test_vae_trainer_writes_a_diffusers_vae_with_unit_variance_latents(tmp_path)
 
     # a decoder-only second phase from the saved folder: the encoder (and the scaling factor) come back bit-identical
     cfg.init_from, cfg.train_encoder, cfg.edge_weight, cfg.total_steps, cfg.judge = str(tmp_path / "vae"), False, 1.0, 2, ""
+    cfg.latent_noise = 0.5
     train_vae(cfg, str(tmp_path / "phase2"))
     again = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "phase2" / "vae")).eval()
     assert again.config.scaling_factor == vae.config.scaling_factor
@@ -162,3 +163,18 @@ def test_edge_error_prefers_a_sharp_edge_to_a_blurred_one():
     mse = lambda a: float(np.mean((a - step) ** 2))
     assert float(edge_error(blurred, step)) > 4 * mse(blurred)   # the gradient term sees the blur more than the MSE
 
+
+
+def test_latent_noise_reaches_the_decoder_and_scales_with_the_setting():
+    import jax
+    from jaxlcd.models import vae as vae_lib
+    from jaxlcd.train.vae_train import vae_loss
+
+    vae = vae_lib.build({"_class_name": "AutoencoderKL", "block_out_channels": (8, 8), "norm_num_groups": 4,
+                         "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+                         "latent_channels": 4, "layers_per_block": 1, "sample_size": 16})
+    params = jax.jit(vae.init)(jax.random.PRNGKey(0), *vae_lib.SPEC.dummy_inputs(vae))["params"]
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
+    mse = lambda noise: float(vae_loss(vae, params, x, jax.random.PRNGKey(1), 0.0, latent_noise=noise)[1]["mse"])
+    clean, a_little, a_lot = mse(0.0), mse(0.5), mse(50.0)
+    assert clean != a_little and abs(a_lot - clean) > abs(a_little - clean)

@@ -70,6 +70,8 @@ class MetricWriter:
 
 def sample_grids(run, cfg, params, out_dir: str, tag: str) -> None:
     """PNG grid per LCM step count on the validation prompts (fixed latents and noise)."""
+    if not cfg.sample_lcm_steps:
+        return
     pipe, student = run.pipe, run.models.student.clone(dtype=run.pipe.unet.dtype)
     ctx = encode_prompts(pipe, list(cfg.validation_prompts))
     shape = (len(cfg.validation_prompts), cfg.resolution // 8, cfg.resolution // 8, student.config.in_channels)

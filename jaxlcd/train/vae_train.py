@@ -47,17 +47,24 @@ def edge_error(rec, pixels):
 
 
 def vae_loss(vae, params, pixels, rng, kl_weight: float, object_weight: float = 0.0, edge_weight: float = 0.0,
-             train_encoder: bool = True):
+             train_encoder: bool = True, latent_noise: float = 0.0):
     """pixels [B,H,W,3] in [-1,1] -> (loss, {"mse", "kl", "edge"}) float32 scalars.
 
     loss = mean(w * (rec - pixels)^2) + edge_weight * `edge_error` + kl_weight * KL per latent element, w = 1 +
     object_weight on foreground pixels (`foreground_mask`): small objects on flat backgrounds would otherwise be a few
     % of the error. ``train_encoder=False`` stops gradients at the posterior (the encoder and its latents stay fixed,
-    so a teacher trained on them stays valid while the decoder improves)."""
+    so a teacher trained on them stays valid while the decoder improves). ``latent_noise`` > 0 decodes latents with
+    Gaussian noise of std U(0, latent_noise) * (batch latent std) added per image: a decoder trained so maps the
+    slightly-off latents a diffusion model samples back to clean shapes."""
     moments = vae.apply({"params": params}, pixels, method=vae.encode)
     if not train_encoder:
         moments = jax.lax.stop_gradient(moments)
-    rec = vae.apply({"params": params}, vae_lib.latent_dist_sample(moments, rng), method=vae.decode)
+    z = vae_lib.latent_dist_sample(moments, rng)
+    if latent_noise:
+        k_sigma, k_eps = jax.random.split(jax.random.fold_in(rng, 1))
+        sigma = latent_noise * jax.random.uniform(k_sigma, (z.shape[0], 1, 1, 1)) * jnp.std(jax.lax.stop_gradient(z))
+        z = z + sigma * jax.random.normal(k_eps, z.shape)
+    rec = vae.apply({"params": params}, z, method=vae.decode)
     rec = rec.astype(jnp.float32)
     err = (rec - pixels) ** 2
     mse = jnp.mean(err)
@@ -68,13 +75,14 @@ def vae_loss(vae, params, pixels, rng, kl_weight: float, object_weight: float = 
 
 
 def make_vae_step(vae, tx, kl_weight: float, object_weight: float = 0.0, edge_weight: float = 0.0,
-                  train_encoder: bool = True):
+                  train_encoder: bool = True, latent_noise: float = 0.0):
     """``step(state {"step","params","opt_state","rng"}, frozen (unused), batch {"pixels"}) -> (state, metrics)``."""
 
     def step(state, frozen, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
         (loss, parts), grads = jax.value_and_grad(
-            lambda p: vae_loss(vae, p, batch["pixels"], key, kl_weight, object_weight, edge_weight, train_encoder),
+            lambda p: vae_loss(vae, p, batch["pixels"], key, kl_weight, object_weight, edge_weight, train_encoder,
+                               latent_noise),
             has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return (dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
@@ -90,24 +98,32 @@ def latent_scaling_factor(vae, params, batches) -> float:
     return float(1.0 / z.std())
 
 
-def reconstruction_check(vae, params, judge_dir: str, num_scenes: int = 256, resolution: int = 64) -> dict:
+def reconstruction_check(vae, params, judge_dir: str, num_scenes: int = 256, resolution: int = 64,
+                         noise: float = 0.1) -> dict:
     """The judge (folder ``judge_dir``) on the VAE's reconstructions (posterior mode, decoded, clipped) of the first
     ``num_scenes`` held-out scenes rendered at ``resolution``: {"judge_acc" (all attributes right), "judge_shape",
-    "judge_colour", "rec_mse" (on [-1, 1])}, floats."""
+    "judge_colour", "rec_mse" (on [-1, 1]), "judge_acc_noisy" (the mode plus Gaussian noise of ``noise`` x its std:
+    how robust the decoder is to the errors of a diffusion model)}, floats."""
     from jaxlcd.models import judge as judge_lib
 
     module, judge_params = judge_lib.load_judge(judge_dir)
     scenes = shapes.eval_scenes(num_scenes)
     prompts = [shapes.caption(s, template=0) for s in scenes]
     x = np.stack([shapes.render(s, resolution) for s in scenes]).astype(np.float32) / 127.5 - 1.0
-    roundtrip = jax.jit(lambda p, x: vae.apply({"params": p}, vae_lib.latent_dist_mode(
-        vae.apply({"params": p}, x, method=vae.encode)), method=vae.decode))
-    rec = np.concatenate([np.asarray(roundtrip(params, x[i:i + 64]), np.float32) for i in range(0, len(x), 64)])
-    rec = np.clip(rec, -1.0, 1.0)
-    predicted, _ = judge_lib.predict(module, judge_params, (rec + 1.0) / 2.0)
-    per_attribute = eval_metrics.attribute_accuracy(predicted, prompts)
-    return {"judge_acc": eval_metrics.scene_accuracy(predicted, prompts), "judge_shape": per_attribute["shape"],
-            "judge_colour": per_attribute["colour"], "rec_mse": float(np.mean((rec - x) ** 2))}
+    encode = jax.jit(lambda p, x: vae_lib.latent_dist_mode(vae.apply({"params": p}, x, method=vae.encode)))
+    decode = jax.jit(lambda p, z: jnp.clip(vae.apply({"params": p}, z, method=vae.decode), -1.0, 1.0))
+    z = np.concatenate([np.asarray(encode(params, x[i:i + 64])) for i in range(0, len(x), 64)])
+    z_noisy = z + noise * z.std() * np.random.default_rng(0).standard_normal(z.shape).astype(np.float32)
+    out = {}
+    for suffix, latents in (("", z), ("_noisy", z_noisy)):
+        rec = np.concatenate([np.asarray(decode(params, latents[i:i + 64]), np.float32) for i in range(0, len(z), 64)])
+        predicted, _ = judge_lib.predict(module, judge_params, (rec + 1.0) / 2.0)
+        out["judge_acc" + suffix] = eval_metrics.scene_accuracy(predicted, prompts)
+        if not suffix:
+            per_attribute = eval_metrics.attribute_accuracy(predicted, prompts)
+            out.update(judge_shape=per_attribute["shape"], judge_colour=per_attribute["colour"],
+                       rec_mse=float(np.mean((rec - x) ** 2)))
+    return out
 
 
 def demo_judge_dir(judge: str) -> str:
@@ -137,7 +153,8 @@ def train_vae(cfg, workdir: str) -> dict:
              "rng": jax.random.PRNGKey(cfg.seed + 1)}
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     make_batch = lambda host: parallel.global_batch({"pixels": host["pixels"]}, mesh)
-    step_fn = make_vae_step(vae, tx, cfg.kl_weight, cfg.object_weight, cfg.edge_weight, cfg.train_encoder)
+    step_fn = make_vae_step(vae, tx, cfg.kl_weight, cfg.object_weight, cfg.edge_weight, cfg.train_encoder,
+                            cfg.get("latent_noise", 0.0))
     judge_dir = demo_judge_dir(cfg.judge)
     evaluate = (lambda st: reconstruction_check(vae, jax.device_get(st["params"]), judge_dir,
                                                 resolution=cfg.resolution)) if judge_dir else None
