@@ -38,6 +38,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.learning_rate = 1e-3         # AdamW (b2 0.98, eps 1e-6, as CLIP), linear warmup then cosine decay
     c.warmup_steps = 100
     c.weight_decay = 0.1
+    c.hard_negatives = 0           # K captions per image with one shape / position / size changed, as extra negatives
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 2

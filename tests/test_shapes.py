@@ -150,3 +150,18 @@ def test_scene_equality_ignores_layout_seed():
     other = dataclasses.replace(scene, layout_seed=None)
     assert other == scene and hash(other) == hash(scene)
     assert not np.array_equal(render(other), render(scene))
+
+
+def test_hard_negative_changes_one_word_attribute_and_keeps_held_out_pairs_out():
+    from jaxlcd.data.shapes import hard_negative
+
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        scene = sample_scene(0, i)
+        neg = hard_negative(scene, rng)
+        assert neg != scene and not neg.held_out_pairs()
+        assert neg.background == scene.background and [o.colour for o in neg.objects] == [o.colour for o in scene.objects]
+        changed = [k for a, b in zip(scene.objects, neg.objects) for k in ("shape", "size", "position")
+                   if getattr(a, k) != getattr(b, k)] + (["relation"] if neg.relation != scene.relation else [])
+        assert len(changed) == 1, (scene, neg)
+        assert parse_caption(caption(neg, template=i % NUM_TEMPLATES)) == neg

@@ -213,6 +213,32 @@ def parse_caption(text: str) -> Scene:
     return Scene(background, (Obj(*_parse_object(words, text), positions[0]),))
 
 
+def hard_negative(scene: Scene, rng: np.random.Generator) -> Scene:
+    """``scene`` with exactly one of its shapes, positions / relation or sizes changed (the attribute picked by
+    ``rng``): a caption a contrastive model can only tell apart by reading that word (colours and background, which
+    random in-batch negatives already separate, stay). Never one with a held-out (shape, colour) pair."""
+    for _ in range(100):
+        negative = _one_attribute_changed(scene, rng)
+        if not negative.held_out_pairs():
+            return negative
+    raise ValueError(f"no hard negative of {scene} without a held-out pair")
+
+
+def _one_attribute_changed(scene: Scene, rng: np.random.Generator) -> Scene:
+    objs, kind = list(scene.objects), rng.choice(["shape", "place", "size"])
+    other = lambda vocab, v: vocab[(vocab.index(v) + 1 + int(rng.integers(len(vocab) - 1))) % len(vocab)]
+    k = int(rng.integers(len(objs)))
+    if kind == "shape":
+        objs[k] = dataclasses.replace(objs[k], shape=other(SHAPES, objs[k].shape))
+    elif kind == "size":
+        objs[k] = dataclasses.replace(objs[k], size=other(SIZES, objs[k].size))
+    elif scene.relation is not None:
+        return dataclasses.replace(scene, relation=other(RELATIONS, scene.relation), layout_seed=None)
+    else:
+        objs[0] = dataclasses.replace(objs[0], position=other(POSITIONS, objs[0].position))
+    return dataclasses.replace(scene, objects=tuple(objs), layout_seed=None)
+
+
 def layout(scene: Scene, resolution: int = 64) -> list[tuple[float, float, float]]:
     """Per object ``(cx, cy, r)`` in pixels of a ``resolution`` image (x right, y down): the object lies in
     the box ``[cx - r, cx + r] x [cy - r, cy + r]`` and covers ``(cx, cy)``. Large objects: r ~ 0.2 R."""

@@ -13,12 +13,15 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from jaxlcd import parallel
+from jaxlcd.data import shapes
 from jaxlcd.data.shapes import make_shapes_iterator
 from jaxlcd.models import clip as clip_lib
 from jaxlcd.rewards.preprocess import reward_pixels
-from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
+from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer, tokenize
 from jaxlcd.train.lrm_pretrain import MAX_LOGIT_SCALE, clip_loss, contrastive_optimizer, contrastive_update
 from jaxlcd.train.simple_loop import run_loop
 from jaxlcd.weights import save_component
@@ -26,9 +29,18 @@ from jaxlcd.weights import save_component
 log = logging.getLogger("jaxlcd")
 
 
+def hard_negative_loss(img, txt, neg, scale):
+    """`clip_loss` with K extra captions per image in its image->text softmax: img, txt [B,P] and neg [B,K,P]
+    L2-normalised -> (symmetric cross-entropy, image->text top-1 accuracy over the B + K candidates)."""
+    logits = scale * jnp.concatenate([img @ txt.T, jnp.einsum("bp,bkp->bk", img, neg)], axis=1)   # [B, B+K]
+    labels = jnp.arange(img.shape[0])
+    ce = lambda lg: optax.softmax_cross_entropy_with_integer_labels(lg, labels).mean()
+    return (ce(logits) + ce(logits[:, :img.shape[0]].T)) / 2, jnp.mean(jnp.argmax(logits, axis=-1) == labels)
+
+
 def make_clip_step(module: clip_lib.CLIPModel, tx):
     """``step(state {"step","params","opt_state"}, frozen (unused), batch {"pixels" [B,R,R,3] in [-1,1],
-    "input_ids" [B,L]}) -> (state, metrics)``."""
+    "input_ids" [B,L], optional "negative_ids" [B,K,L]}) -> (state, metrics)``."""
     size = module.config.vision_config.image_size
 
     def loss_fn(p, batch):
@@ -37,12 +49,27 @@ def make_clip_step(module: clip_lib.CLIPModel, tx):
         txt = module.apply({"params": p}, batch["input_ids"], method=module.get_text_features)
         norm = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
         scale = jnp.minimum(jnp.exp(p["logit_scale"]), MAX_LOGIT_SCALE)
-        return clip_loss(norm(img.astype(jnp.float32)), norm(txt.astype(jnp.float32)), scale)
+        img, txt = norm(img.astype(jnp.float32)), norm(txt.astype(jnp.float32))
+        if "negative_ids" not in batch:
+            return clip_loss(img, txt, scale)
+        b, k, length = batch["negative_ids"].shape
+        neg = module.apply({"params": p}, batch["negative_ids"].reshape(b * k, length), method=module.get_text_features)
+        return hard_negative_loss(img, txt, norm(neg.astype(jnp.float32)).reshape(b, k, -1), scale)
 
     def step(state, frozen, batch):
         return contrastive_update(state, tx, lambda p: loss_fn(p, batch))
 
     return step
+
+
+def hard_negative_ids(captions, k: int, tokenizer, rng: np.random.Generator) -> np.ndarray:
+    """Token ids [B, k, 77] int32 of k `shapes.hard_negative` captions (random templates) per caption."""
+    texts = []
+    for c in captions:
+        scene = shapes.parse_caption(str(c))
+        texts += [shapes.caption(shapes.hard_negative(scene, rng), template=int(rng.integers(shapes.NUM_TEMPLATES)))
+                  for _ in range(k)]
+    return np.asarray(tokenize(tokenizer, texts), np.int32).reshape(len(captions), k, -1)
 
 
 def train_clip(cfg, workdir: str) -> dict:
@@ -59,7 +86,13 @@ def train_clip(cfg, workdir: str) -> dict:
                               seed=cfg.data_seed, tokenizer=load_tokenizer(tok_dir),
                               batch_size_per_host=batch // jax.process_count())
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    make_batch = lambda host: parallel.global_batch({k: host[k] for k in ("pixels", "input_ids")}, mesh)
+    tokenizer, rng = load_tokenizer(tok_dir), np.random.default_rng(cfg.seed)
+
+    def make_batch(host):
+        arrays = {k: host[k] for k in ("pixels", "input_ids")}
+        if cfg.get("hard_negatives", 0):
+            arrays["negative_ids"] = hard_negative_ids(host["caption"], cfg.hard_negatives, tokenizer, rng)
+        return parallel.global_batch(arrays, mesh)
     state, last = run_loop(workdir, cfg, mesh, state, make_clip_step(module, tx), None, it, make_batch, "clip")
     out = os.path.join(workdir, "clip")
     save_component(module, jax.device_get(state["params"]), out)

@@ -47,24 +47,17 @@ def edge_error(rec, pixels):
 
 
 def vae_loss(vae, params, pixels, rng, kl_weight: float, object_weight: float = 0.0, edge_weight: float = 0.0,
-             train_encoder: bool = True, latent_noise: float = 0.0):
+             train_encoder: bool = True):
     """pixels [B,H,W,3] in [-1,1] -> (loss, {"mse", "kl", "edge"}) float32 scalars.
 
     loss = mean(w * (rec - pixels)^2) + edge_weight * `edge_error` + kl_weight * KL per latent element, w = 1 +
     object_weight on foreground pixels (`foreground_mask`): small objects on flat backgrounds would otherwise be a few
     % of the error. ``train_encoder=False`` stops gradients at the posterior (the encoder and its latents stay fixed,
-    so a teacher trained on them stays valid while the decoder improves). ``latent_noise`` > 0 decodes latents with
-    Gaussian noise of std U(0, latent_noise) * (batch latent std) added per image: a decoder trained so maps the
-    slightly-off latents a diffusion model samples back to clean shapes."""
+    so a teacher trained on them stays valid while the decoder improves)."""
     moments = vae.apply({"params": params}, pixels, method=vae.encode)
     if not train_encoder:
         moments = jax.lax.stop_gradient(moments)
-    z = vae_lib.latent_dist_sample(moments, rng)
-    if latent_noise:
-        k_sigma, k_eps = jax.random.split(jax.random.fold_in(rng, 1))
-        sigma = latent_noise * jax.random.uniform(k_sigma, (z.shape[0], 1, 1, 1)) * jnp.std(jax.lax.stop_gradient(z))
-        z = z + sigma * jax.random.normal(k_eps, z.shape)
-    rec = vae.apply({"params": params}, z, method=vae.decode)
+    rec = vae.apply({"params": params}, vae_lib.latent_dist_sample(moments, rng), method=vae.decode)
     rec = rec.astype(jnp.float32)
     err = (rec - pixels) ** 2
     mse = jnp.mean(err)
@@ -75,14 +68,13 @@ def vae_loss(vae, params, pixels, rng, kl_weight: float, object_weight: float = 
 
 
 def make_vae_step(vae, tx, kl_weight: float, object_weight: float = 0.0, edge_weight: float = 0.0,
-                  train_encoder: bool = True, latent_noise: float = 0.0):
+                  train_encoder: bool = True):
     """``step(state {"step","params","opt_state","rng"}, frozen (unused), batch {"pixels"}) -> (state, metrics)``."""
 
     def step(state, frozen, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
         (loss, parts), grads = jax.value_and_grad(
-            lambda p: vae_loss(vae, p, batch["pixels"], key, kl_weight, object_weight, edge_weight, train_encoder,
-                               latent_noise),
+            lambda p: vae_loss(vae, p, batch["pixels"], key, kl_weight, object_weight, edge_weight, train_encoder),
             has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return (dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
@@ -153,8 +145,7 @@ def train_vae(cfg, workdir: str) -> dict:
              "rng": jax.random.PRNGKey(cfg.seed + 1)}
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     make_batch = lambda host: parallel.global_batch({"pixels": host["pixels"]}, mesh)
-    step_fn = make_vae_step(vae, tx, cfg.kl_weight, cfg.object_weight, cfg.edge_weight, cfg.train_encoder,
-                            cfg.get("latent_noise", 0.0))
+    step_fn = make_vae_step(vae, tx, cfg.kl_weight, cfg.object_weight, cfg.edge_weight, cfg.train_encoder)
     judge_dir = demo_judge_dir(cfg.judge)
     evaluate = (lambda st: reconstruction_check(vae, jax.device_get(st["params"]), judge_dir,
                                                 resolution=cfg.resolution)) if judge_dir else None
