@@ -82,11 +82,11 @@ def train_clip(cfg, workdir: str) -> dict:
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     tok_dir = build_clip_tokenizer_files(os.path.join(workdir, "tokenizer"))
     batch = cfg.per_device_batch * jax.device_count()
+    tokenizer = load_tokenizer(tok_dir)
     it = make_shapes_iterator(os.path.join(workdir, "data"), num_examples=cfg.num_examples, resolution=cfg.resolution,
-                              seed=cfg.data_seed, tokenizer=load_tokenizer(tok_dir),
-                              batch_size_per_host=batch // jax.process_count())
+                              seed=cfg.data_seed, tokenizer=tokenizer, batch_size_per_host=batch // jax.process_count())
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    tokenizer, rng = load_tokenizer(tok_dir), np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)   # hard negatives (a resumed run draws different ones)
 
     def make_batch(host):
         arrays = {k: host[k] for k in ("pixels", "input_ids")}
