@@ -105,17 +105,18 @@ def reconstruction_check(vae, params, judge_dir: str, num_scenes: int = 256, res
     encode = jax.jit(lambda p, x: vae_lib.latent_dist_mode(vae.apply({"params": p}, x, method=vae.encode)))
     decode = jax.jit(lambda p, z: jnp.clip(vae.apply({"params": p}, z, method=vae.decode), -1.0, 1.0))
     z = np.concatenate([np.asarray(encode(params, x[i:i + 64])) for i in range(0, len(x), 64)])
-    z_noisy = z + noise * z.std() * np.random.default_rng(0).standard_normal(z.shape).astype(np.float32)
-    out = {}
-    for suffix, latents in (("", z), ("_noisy", z_noisy)):
+
+    def judged(latents):   # -> (reconstructions [N,R,R,3] in [-1,1], the judge's predictions)
         rec = np.concatenate([np.asarray(decode(params, latents[i:i + 64]), np.float32) for i in range(0, len(z), 64)])
-        predicted, _ = judge_lib.predict(module, judge_params, (rec + 1.0) / 2.0)
-        out["judge_acc" + suffix] = eval_metrics.scene_accuracy(predicted, prompts)
-        if not suffix:
-            per_attribute = eval_metrics.attribute_accuracy(predicted, prompts)
-            out.update(judge_shape=per_attribute["shape"], judge_colour=per_attribute["colour"],
-                       rec_mse=float(np.mean((rec - x) ** 2)))
-    return out
+        return rec, judge_lib.predict(module, judge_params, (rec + 1.0) / 2.0)[0]
+
+    rec, predicted = judged(z)
+    z_noisy = z + noise * z.std() * np.random.default_rng(0).standard_normal(z.shape).astype(np.float32)
+    _, predicted_noisy = judged(z_noisy)
+    per_attribute = eval_metrics.attribute_accuracy(predicted, prompts)
+    return {"judge_acc": eval_metrics.scene_accuracy(predicted, prompts), "judge_shape": per_attribute["shape"],
+            "judge_colour": per_attribute["colour"], "rec_mse": float(np.mean((rec - x) ** 2)),
+            "judge_acc_noisy": eval_metrics.scene_accuracy(predicted_noisy, prompts)}
 
 
 def demo_judge_dir(judge: str) -> str:
