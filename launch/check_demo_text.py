@@ -6,9 +6,12 @@
 clip: for captions that differ in one word (shape / colour / position / size), the distance between their last hidden
 states (what the teacher's cross-attention reads), largest over token positions, relative to the states' norm; then,
 on 256 held-out scenes, how often the image is closer to its caption than to all of 3 one-word-changed captions
-(chance 0.25), and 128-way image->text retrieval.
-teacher: its denoising loss on 256 rendered training scenes with the true captions and with every shape, position
-or colour word replaced by another (same noise and timesteps). A word the teacher ignores leaves the loss unchanged.
+(chance 0.25), 128-way image->text retrieval, and true caption vs one with only the shape / position or relation /
+size changed (chance 0.5); last, how well a linear probe reads each attribute from the image features of 150
+one-object scenes (fit on 350 others).
+teacher: its denoising loss (epsilon or v, what it predicts) on 256 rendered training scenes with the true captions and
+with every shape, position or colour word replaced by another (same noise and timesteps). A word the teacher ignores
+leaves the loss unchanged.
 """
 import sys
 
@@ -50,19 +53,33 @@ def check_clip(path: str) -> None:
     img = unit(np.asarray(image(reward_pixels(jnp.asarray(x), module.config.vision_config.image_size, True))))
     txt = unit(np.asarray(text(ids([shapes.caption(s, template=0) for s in scenes]))))
     # one-word changes of held-out scenes keep their held-out pair (hard_negative refuses those)
-    negatives = [shapes.caption(shapes._one_attribute_changed(s, rng), template=0) for s in scenes for _ in range(3)]
+    negatives = [shapes.caption(shapes._one_attribute_changed(s, rng, str(rng.choice(shapes.HARD_NEGATIVE_KINDS))),
+                                template=0) for s in scenes for _ in range(3)]
     neg = unit(np.asarray(text(ids(negatives)))).reshape(256, 3, -1)
     closer = np.mean((img * txt).sum(-1) > np.einsum("bp,bkp->bk", img, neg).max(1))
     retrieval = np.mean(np.argmax(img[:128] @ txt[:128].T, 1) == np.arange(128))
     print(f"true caption vs 3 one-word-changed captions {closer:.3f}; 128-way retrieval {retrieval:.3f}")
+    for kind in ("shape", "place", "size"):  # two-way: the true caption vs one with only this changed
+        changed = [shapes.caption(shapes._one_attribute_changed(s, rng, kind), template=0) for s in scenes]
+        other = unit(np.asarray(text(ids(changed))))
+        print(f"true caption vs {kind} changed: {np.mean((img * txt).sum(-1) > (img * other).sum(-1)):.3f}")
+    # what the vision tower keeps: a least-squares linear probe on image features of one-object training scenes
+    single = [s for s in (shapes.sample_scene(3, i) for i in range(1200)) if s.relation is None][:500]
+    x = np.stack([shapes.render(s) for s in single]).astype(np.float32) / 255.0
+    feats = unit(np.asarray(image(reward_pixels(jnp.asarray(x), module.config.vision_config.image_size, True))))
+    feats = np.concatenate([feats, np.ones((len(feats), 1))], 1)
+    for attr in ("position", "shape", "size", "colour"):
+        y = np.array([getattr(s.objects[0], attr) for s in single])
+        onehot = (y[:, None] == np.array(sorted(set(y)))[None]).astype(np.float32)
+        w = np.linalg.lstsq(feats[:350], onehot[:350], rcond=None)[0]
+        acc = np.mean(np.argmax(feats[350:] @ w, 1) == np.argmax(onehot[350:], 1))
+        print(f"image features -> {attr}: linear probe accuracy {acc:.3f} (chance {1 / onehot.shape[1]:.2f})")
 
 
 def check_teacher(path: str) -> None:
     from jaxlcd.pipeline import load_pipeline
 
     pipe = load_pipeline(path)
-    if pipe.prediction_type != "epsilon":
-        sys.exit(f"{path}: this check scores epsilon prediction; the teacher predicts {pipe.prediction_type}")
     scenes = [shapes.sample_scene(0, i) for i in range(256)]
     x = np.stack([shapes.render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     moments = pipe.vae.apply({"params": pipe.vae_params}, x, method=pipe.vae.encode)
@@ -73,10 +90,9 @@ def check_teacher(path: str) -> None:
     def loss(ids, t, key):
         ctx = pipe.text_encoder.apply({"params": pipe.text_params}, ids)
         eps = jax.random.normal(key, z0.shape)
-        a = pipe.abar[t]
-        out = pipe.unet.apply({"params": pipe.unet_params}, jnp.sqrt(a) * z0 + jnp.sqrt(1 - a) * eps,
-                              jnp.full((z0.shape[0],), t), ctx)
-        return jnp.mean((out - eps) ** 2)
+        alpha, sigma = jnp.sqrt(pipe.abar[t]), jnp.sqrt(1 - pipe.abar[t])
+        out = pipe.unet.apply({"params": pipe.unet_params}, alpha * z0 + sigma * eps, jnp.full((z0.shape[0],), t), ctx)
+        return jnp.mean((out - (eps if pipe.prediction_type == "epsilon" else alpha * eps - sigma * z0)) ** 2)
 
     swapped = {}
     for word, vocab in SWAPS.items():
@@ -85,7 +101,7 @@ def check_teacher(path: str) -> None:
         for k, v in enumerate(token):
             swapped[word][true_ids == v] = token[(k + 1) % len(token)]
     print("t     true   " + "  ".join(f"{w}-swapped" for w in swapped))
-    for t in (100, 300, 500, 700, 900):
+    for t in (100, 300, 500, 700, 900, 990):
         key = jax.random.PRNGKey(t)
         print(f"{t:<5d} {loss(true_ids, t, key):.4f} " + "  ".join(
             f"{loss(ids, t, key):>{len(w) + 8}.4f}" for w, ids in swapped.items()))

@@ -165,3 +165,16 @@ def test_hard_negative_changes_one_word_attribute_and_keeps_held_out_pairs_out()
                    if getattr(a, k) != getattr(b, k)] + (["relation"] if neg.relation != scene.relation else [])
         assert len(changed) == 1, (scene, neg)
         assert parse_caption(caption(neg, template=i % NUM_TEMPLATES)) == neg
+
+
+def test_hard_negative_kinds_restrict_what_changes():
+    from jaxlcd.data.shapes import hard_negative
+
+    rng = np.random.default_rng(1)
+    for i in range(100):
+        scene = sample_scene(0, i)
+        neg = hard_negative(scene, rng, ("place",))
+        assert [(o.shape, o.size) for o in neg.objects] == [(o.shape, o.size) for o in scene.objects]
+        assert (neg.relation, neg.objects[0].position) != (scene.relation, scene.objects[0].position)
+    with pytest.raises(ValueError, match="hard negative kinds"):
+        hard_negative(sample_scene(0, 0), rng, ("colour",))

@@ -213,19 +213,27 @@ def parse_caption(text: str) -> Scene:
     return Scene(background, (Obj(*_parse_object(words, text), positions[0]),))
 
 
-def hard_negative(scene: Scene, rng: np.random.Generator) -> Scene:
-    """``scene`` with exactly one of its shapes, positions / relation or sizes changed (the attribute picked by
-    ``rng``): a caption a contrastive model can only tell apart by reading that word (colours and background, which
-    random in-batch negatives already separate, stay). Never one with a held-out (shape, colour) pair."""
+HARD_NEGATIVE_KINDS = ("shape", "place", "size")
+
+
+def hard_negative(scene: Scene, rng: np.random.Generator, kinds: tuple[str, ...] = HARD_NEGATIVE_KINDS) -> Scene:
+    """``scene`` with exactly one of its shapes, positions / relation ("place") or sizes changed (the kind picked by
+    ``rng`` among ``kinds``): a caption a contrastive model can only tell apart by reading that word (colours and
+    background, which random in-batch negatives already separate, stay). Never one with a held-out (shape, colour)
+    pair."""
+    if not kinds or set(kinds) - set(HARD_NEGATIVE_KINDS):
+        raise ValueError(f"hard negative kinds {kinds} must be among {HARD_NEGATIVE_KINDS}")
     for _ in range(100):
-        negative = _one_attribute_changed(scene, rng)
+        negative = _one_attribute_changed(scene, rng, str(rng.choice(kinds)))
         if not negative.held_out_pairs():
             return negative
     raise ValueError(f"no hard negative of {scene} without a held-out pair")
 
 
-def _one_attribute_changed(scene: Scene, rng: np.random.Generator) -> Scene:
-    objs, kind = list(scene.objects), rng.choice(["shape", "place", "size"])
+def _one_attribute_changed(scene: Scene, rng: np.random.Generator, kind: str) -> Scene:
+    """``scene`` with one object's shape or size, or the position / relation, changed (``kind`` in
+    HARD_NEGATIVE_KINDS)."""
+    objs = list(scene.objects)
     other = lambda vocab, v: vocab[(vocab.index(v) + 1 + int(rng.integers(len(vocab) - 1))) % len(vocab)]
     k = int(rng.integers(len(objs)))
     if kind == "shape":

@@ -62,13 +62,14 @@ def make_clip_step(module: clip_lib.CLIPModel, tx):
     return step
 
 
-def hard_negative_ids(captions, k: int, tokenizer, rng: np.random.Generator) -> np.ndarray:
-    """Token ids [B, k, 77] int32 of k `shapes.hard_negative` captions (random templates) per caption."""
+def hard_negative_ids(captions, k: int, tokenizer, rng: np.random.Generator,
+                      kinds: tuple[str, ...] = shapes.HARD_NEGATIVE_KINDS) -> np.ndarray:
+    """Token ids [B, k, 77] int32 of k `shapes.hard_negative` captions (of ``kinds``, random templates) per caption."""
     texts = []
     for c in captions:
         scene = shapes.parse_caption(str(c))
-        texts += [shapes.caption(shapes.hard_negative(scene, rng), template=int(rng.integers(shapes.NUM_TEMPLATES)))
-                  for _ in range(k)]
+        texts += [shapes.caption(shapes.hard_negative(scene, rng, kinds),
+                                 template=int(rng.integers(shapes.NUM_TEMPLATES))) for _ in range(k)]
     return np.asarray(tokenize(tokenizer, texts), np.int32).reshape(len(captions), k, -1)
 
 
@@ -91,7 +92,8 @@ def train_clip(cfg, workdir: str) -> dict:
     def make_batch(host):
         arrays = {k: host[k] for k in ("pixels", "input_ids")}
         if cfg.get("hard_negatives", 0):
-            arrays["negative_ids"] = hard_negative_ids(host["caption"], cfg.hard_negatives, tokenizer, rng)
+            arrays["negative_ids"] = hard_negative_ids(host["caption"], cfg.hard_negatives, tokenizer, rng,
+                                                       tuple(cfg.hard_negative_kinds.split(",")))
         return parallel.global_batch(arrays, mesh)
     state, last = run_loop(workdir, cfg, mesh, state, make_clip_step(module, tx), None, it, make_batch, "clip")
     out = os.path.join(workdir, "clip")

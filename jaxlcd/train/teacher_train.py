@@ -128,7 +128,7 @@ def sample_check(pipe, unet_params, judge_dir: str, num_prompts: int = 64, steps
                  guidance: float = 7.5, seed: int = 0) -> dict:
     """The judge (folder ``judge_dir``) on DDIM-``steps`` samples (CFG ``guidance``, latent seed ``seed``) of
     ``pipe`` with ``unet_params``, for the first ``num_prompts`` held-out prompts: {"ddim_judge_acc" (all
-    attributes right), "ddim_judge_shape", "ddim_judge_colour", "ddim_judge_background"}, floats."""
+    attributes right), "ddim_judge_<attribute>" for each key of `eval_metrics.attribute_accuracy`}, floats."""
     from jaxlcd.models import judge as judge_lib
 
     prompts = shapes.eval_prompts(num_prompts)
@@ -138,7 +138,7 @@ def sample_check(pipe, unet_params, judge_dir: str, num_prompts: int = 64, steps
     predicted, _ = judge_lib.predict(*judge_lib.load_judge(judge_dir), np.asarray(images, np.float32))
     per_attribute = eval_metrics.attribute_accuracy(predicted, prompts)
     return {"ddim_judge_acc": eval_metrics.scene_accuracy(predicted, prompts),
-            **{f"ddim_judge_{k}": per_attribute[k] for k in ("shape", "colour", "background")}}
+            **{f"ddim_judge_{k}": v for k, v in per_attribute.items()}}
 
 
 def train_teacher(cfg, workdir: str) -> dict:
