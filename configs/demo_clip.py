@@ -39,7 +39,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.warmup_steps = 100
     c.weight_decay = 0.1
     c.hard_negatives = 0           # K captions per image with one shape / position / size changed, as extra negatives
-    c.hard_negative_kinds = "shape,place,size"  # what a hard negative may change (place: position or relation)
+    c.hard_negative_kinds = "shape,place,size"  # what a hard negative may change (place: position or relation;
+                                                # a kind listed twice is drawn twice as often)
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 2
