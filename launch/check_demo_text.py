@@ -43,14 +43,16 @@ def check_clip(path: str) -> None:
     hidden = jax.jit(lambda i: module.apply({"params": params}, i, method=lambda m, i: m.text_model(i)[0]))
     text = jax.jit(lambda i: module.apply({"params": params}, i, method=module.get_text_features))
     image = jax.jit(lambda x: module.apply({"params": params}, x, method=module.get_image_features))
+    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
+    size = module.config.vision_config.image_size
+    image_features = lambda scenes: unit(np.asarray(image(reward_pixels(
+        jnp.asarray(np.stack([shapes.render(s) for s in scenes]).astype(np.float32) / 255.0), size, True))))
     for word, captions in VARIANTS.items():
         h = np.asarray(hidden(ids(captions)))
         d = np.sqrt(((h[:, None] - h[None]) ** 2).sum(-1)).sum((0, 1)) / (len(h) * (len(h) - 1))
         print(f"{word:8s} per-token distance {d.max() / np.sqrt((h ** 2).sum(-1)).mean():.2f}")
     scenes, rng = shapes.eval_scenes(256), np.random.default_rng(0)
-    unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)
-    x = np.stack([shapes.render(s) for s in scenes]).astype(np.float32) / 255.0
-    img = unit(np.asarray(image(reward_pixels(jnp.asarray(x), module.config.vision_config.image_size, True))))
+    img = image_features(scenes)
     txt = unit(np.asarray(text(ids([shapes.caption(s, template=0) for s in scenes]))))
     # one-word changes of held-out scenes keep their held-out pair (hard_negative refuses those)
     negatives = [shapes.caption(shapes._one_attribute_changed(s, rng, str(rng.choice(shapes.HARD_NEGATIVE_KINDS))),
@@ -65,9 +67,7 @@ def check_clip(path: str) -> None:
         print(f"true caption vs {kind} changed: {np.mean((img * txt).sum(-1) > (img * other).sum(-1)):.3f}")
     # what the vision tower keeps: a least-squares linear probe on image features of one-object training scenes
     single = [s for s in (shapes.sample_scene(3, i) for i in range(1200)) if s.relation is None][:500]
-    x = np.stack([shapes.render(s) for s in single]).astype(np.float32) / 255.0
-    feats = unit(np.asarray(image(reward_pixels(jnp.asarray(x), module.config.vision_config.image_size, True))))
-    feats = np.concatenate([feats, np.ones((len(feats), 1))], 1)
+    feats = np.concatenate([image_features(single), np.ones((len(single), 1))], 1)
     for attr in ("position", "shape", "size", "colour"):
         y = np.array([getattr(s.objects[0], attr) for s in single])
         onehot = (y[:, None] == np.array(sorted(set(y)))[None]).astype(np.float32)

@@ -216,13 +216,24 @@ def parse_caption(text: str) -> Scene:
 HARD_NEGATIVE_KINDS = ("shape", "place", "size")
 
 
+def parse_hard_negative_kinds(spec: str) -> tuple[str, ...]:
+    """"shape,place,place" -> ("shape", "place", "place"); ValueError when empty or a kind is not in
+    HARD_NEGATIVE_KINDS (a kind listed twice is drawn twice as often by `hard_negative`)."""
+    return _checked_kinds(tuple(k.strip() for k in spec.split(",") if k.strip()))
+
+
+def _checked_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
+    if not kinds or set(kinds) - set(HARD_NEGATIVE_KINDS):
+        raise ValueError(f"hard negative kinds {kinds} must be among {HARD_NEGATIVE_KINDS}")
+    return kinds
+
+
 def hard_negative(scene: Scene, rng: np.random.Generator, kinds: tuple[str, ...] = HARD_NEGATIVE_KINDS) -> Scene:
     """``scene`` with exactly one of its shapes, positions / relation ("place") or sizes changed (the kind picked by
     ``rng`` among ``kinds``): a caption a contrastive model can only tell apart by reading that word (colours and
     background, which random in-batch negatives already separate, stay). Never one with a held-out (shape, colour)
     pair."""
-    if not kinds or set(kinds) - set(HARD_NEGATIVE_KINDS):
-        raise ValueError(f"hard negative kinds {kinds} must be among {HARD_NEGATIVE_KINDS}")
+    _checked_kinds(kinds)
     for _ in range(100):
         negative = _one_attribute_changed(scene, rng, str(rng.choice(kinds)))
         if not negative.held_out_pairs():

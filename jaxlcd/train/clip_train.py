@@ -88,12 +88,12 @@ def train_clip(cfg, workdir: str) -> dict:
                               seed=cfg.data_seed, tokenizer=tokenizer, batch_size_per_host=batch // jax.process_count())
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     rng = np.random.default_rng(cfg.seed)   # hard negatives (a resumed run draws different ones)
+    kinds = shapes.parse_hard_negative_kinds(cfg.hard_negative_kinds) if cfg.get("hard_negatives", 0) else ()
 
     def make_batch(host):
         arrays = {k: host[k] for k in ("pixels", "input_ids")}
-        if cfg.get("hard_negatives", 0):
-            arrays["negative_ids"] = hard_negative_ids(host["caption"], cfg.hard_negatives, tokenizer, rng,
-                                                       tuple(cfg.hard_negative_kinds.split(",")))
+        if kinds:
+            arrays["negative_ids"] = hard_negative_ids(host["caption"], cfg.hard_negatives, tokenizer, rng, kinds)
         return parallel.global_batch(arrays, mesh)
     state, last = run_loop(workdir, cfg, mesh, state, make_clip_step(module, tx), None, it, make_batch, "clip")
     out = os.path.join(workdir, "clip")
