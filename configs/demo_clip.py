@@ -41,6 +41,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.hard_negatives = 0           # K captions per image with one shape / position / size changed, as extra negatives
     c.hard_negative_kinds = "shape,place,size"  # what a hard negative may change (place: position or relation;
                                                 # a kind listed twice is drawn twice as often)
+    c.init_from = ""               # a CLIPModel folder to continue from (a second stage: fresh optimizer and schedule)
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 2

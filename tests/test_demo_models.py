@@ -79,6 +79,22 @@ def test_clip_trainer_writes_a_transformers_clip_that_the_reward_registry_loads(
     np.testing.assert_allclose(ours, cos, atol=2e-5)
 
 
+def test_clip_trainer_continues_from_a_saved_clip_folder(tmp_path, tiny_clip_dir):
+    import transformers
+
+    from jaxlcd.train.clip_train import train_clip
+
+    cfg = load_config("tiny", "demo_clip.py")
+    cfg.init_from, cfg.total_steps, cfg.learning_rate = tiny_clip_dir, 1, 0.0   # one step at lr 0: params unchanged
+    cfg.clip.projection_dim = 8   # ignored: the saved folder's config wins
+    train_clip(cfg, str(tmp_path))
+    before = transformers.CLIPModel.from_pretrained(tiny_clip_dir).state_dict()
+    after = transformers.CLIPModel.from_pretrained(str(tmp_path / "clip")).state_dict()
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        assert torch.equal(value, after[name]), name
+
+
 @pytest.mark.slow  # ~70 s: compiles the tiny UNet training step
 def test_teacher_trainer_writes_a_pipeline_diffusers_samples_with_the_clip_text_tower(tmp_path, tiny_clip_dir):
     from jaxlcd.train.teacher_train import train_teacher

@@ -24,7 +24,7 @@ from jaxlcd.rewards.preprocess import reward_pixels
 from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer, tokenize
 from jaxlcd.train.lrm_pretrain import MAX_LOGIT_SCALE, clip_loss, contrastive_optimizer, contrastive_update
 from jaxlcd.train.simple_loop import run_loop
-from jaxlcd.weights import save_component
+from jaxlcd.weights import load_component, save_component
 
 log = logging.getLogger("jaxlcd")
 
@@ -77,8 +77,11 @@ def train_clip(cfg, workdir: str) -> dict:
     """Train (or resume) a CLIPModel of config ``cfg.clip`` on shapes; writes ``<workdir>/clip``. Returns the last
     logged metrics (loss, in-batch image->text accuracy)."""
     os.makedirs(workdir, exist_ok=True)
-    module = clip_lib.build(cfg.clip.to_dict())
-    params = jax.jit(module.init)(jax.random.PRNGKey(cfg.seed), *clip_lib.dummy_inputs(module))["params"]
+    if cfg.get("init_from"):  # a second stage (fresh optimizer and schedule) from a saved CLIPModel folder
+        module, params = load_component(cfg.init_from)   # its config replaces cfg.clip
+    else:
+        module = clip_lib.build(cfg.clip.to_dict())
+        params = jax.jit(module.init)(jax.random.PRNGKey(cfg.seed), *clip_lib.dummy_inputs(module))["params"]
     tx = contrastive_optimizer(cfg)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     tok_dir = build_clip_tokenizer_files(os.path.join(workdir, "tokenizer"))
