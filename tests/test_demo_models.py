@@ -95,7 +95,7 @@ def test_clip_trainer_continues_from_a_saved_clip_folder(tmp_path, tiny_clip_dir
         assert torch.equal(value, after[name]), name
 
 
-@pytest.mark.slow  # ~70 s: compiles the tiny UNet training step
+@pytest.mark.slow  # ~2 min: compiles the tiny UNet training step twice
 def test_teacher_trainer_writes_a_pipeline_diffusers_samples_with_the_clip_text_tower(tmp_path, tiny_clip_dir):
     from jaxlcd.train.teacher_train import train_teacher
     from jaxlcd.train.vae_train import train_vae
@@ -119,6 +119,19 @@ def test_teacher_trainer_writes_a_pipeline_diffusers_samples_with_the_clip_text_
     with torch.no_grad():
         np.testing.assert_allclose(pipe.text_encoder(ids).last_hidden_state.numpy(),
                                    clip.text_model(ids).last_hidden_state.numpy(), atol=1e-6)
+
+    # a second run continues from the saved UNet (two steps at lr 0: the exported EMA UNet is the same) ...
+    cfg.init_from, cfg.total_steps, cfg.learning_rate = teacher, 2, 0.0
+    train_teacher(cfg, str(tmp_path / "continued"))
+    again = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "continued" / "teacher" / "unet"))
+    for (name, a), b in zip(pipe.unet.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    # ... and refuses a UNet of another shape
+    from jaxlcd.models import unet as unet_lib
+    from jaxlcd.train.teacher_train import initial_unet_params
+
+    with pytest.raises(ValueError, match="config.init_from"):
+        initial_unet_params(teacher, unet_lib.build(dict(cfg.unet, block_out_channels=(32, 32))))
 
 
 def test_array_batches_resume_where_they_stopped():

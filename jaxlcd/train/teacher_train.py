@@ -56,6 +56,18 @@ def assemble_teacher(out_dir: str, vae_dir: str, clip_dir: str, unet_config: dic
     return write_pipeline_index(out_dir, dict(SD_DDIM_SCHEDULER, prediction_type=prediction_type))
 
 
+def initial_unet_params(path: str, unet) -> dict:
+    """UNet params from ``path`` (a diffusers ``unet/`` folder or a pipeline folder holding one), checked to have
+    the same config as ``unet`` (the UNet the teacher trains)."""
+    if os.path.isfile(os.path.join(path, "unet", "config.json")):
+        path = os.path.join(path, "unet")
+    module, params = load_component(path)
+    if module.config != unet.config:
+        raise ValueError(f"config.init_from={path!r} holds a UNet whose config differs from config.unet; "
+                         "make config.unet match it")
+    return params
+
+
 def cache_moments(pipe, iterator, num_batches: int, path: str) -> dict:
     """Encode ``num_batches`` pipeline batches with the frozen VAE: {"moments" [N,h,w,2c] float32, "input_ids"
     [N,77] int32}, saved to / reused from ``path`` (npz)."""
@@ -156,6 +168,8 @@ def train_teacher(cfg, workdir: str) -> dict:
     schedule_fn = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule_fn, weight_decay=cfg.weight_decay))
     params = pipe.unet_params
+    if cfg.get("init_from"):  # continue (fresh optimizer and schedule) from a saved unet/ or pipeline folder
+        params = initial_unet_params(cfg.init_from, pipe.unet)
     ema = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)  # own buffers: the step donates both
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema": ema, "opt_state": tx.init(params),
              "rng": jax.random.PRNGKey(cfg.seed + 1)}
