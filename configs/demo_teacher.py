@@ -43,7 +43,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.seed = 0
     c.judge = "demo"               # judge folder for the progress check at each checkpoint ("demo": shipped; "": none)
-    c.eval_prompts = 64            # held-out prompts sampled with DDIM-50 + CFG 7.5 for that check (0: none)
+    c.eval_prompts = 64            # held-out prompts sampled with DDIM-50 for that check (0: none) ...
+    c.eval_guidance = (7.5,)       # ... at each of these CFG scales
     if arg == "tiny":
         c.unet = dict(UNET, block_out_channels=(16, 32), attention_head_dim=4, cross_attention_dim=32)
         c.resolution, c.num_examples, c.per_device_batch, c.total_steps = 32, 32, 4, 6

@@ -7,8 +7,9 @@ guidance, EMA weights exported). The training images pass once through the grain
 encoder; their posterior moments are cached in ``<workdir>/latents.npz`` and a fresh posterior sample is drawn
 every step.
 
-Progress check (``cfg.judge``, ``cfg.eval_prompts``): at every checkpoint the EMA UNet samples ``eval_prompts``
-held-out prompts with DDIM-50 and CFG 7.5 (the evaluation's teacher row) and the demo judge scores them.
+Progress check (``cfg.judge``, ``cfg.eval_prompts``, ``cfg.eval_guidance``): at every checkpoint the EMA UNet samples
+``eval_prompts`` held-out prompts with DDIM-50 at each CFG scale of ``eval_guidance`` (the evaluation's teacher row)
+and the demo judge scores them (logged as ``cfg<scale>_ddim_judge_*``).
 """
 from __future__ import annotations
 
@@ -177,11 +178,14 @@ def train_teacher(cfg, workdir: str) -> dict:
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     step_fn = make_teacher_step(pipe, tx, uncond_ids, cfg.p_uncond, cfg.ema_decay, cfg.snr_gamma)
     judge_dir = demo_judge_dir(cfg.judge)
-    evaluate = (lambda st: sample_check(pipe, jax.device_get(st["ema"]), judge_dir, cfg.eval_prompts)
-                ) if judge_dir and cfg.eval_prompts else None
+
+    def evaluate(st):
+        ema = jax.device_get(st["ema"])
+        return {f"cfg{g:g}_{k}": v for g in cfg.eval_guidance
+                for k, v in sample_check(pipe, ema, judge_dir, cfg.eval_prompts, guidance=g).items()}
     state, last = run_loop(workdir, cfg, mesh, state, step_fn, pipe.text_params,
                            ArrayBatches(arrays, batch, cfg.data_seed), lambda h: parallel.global_batch(h, mesh),
-                           "teacher", evaluate)
+                           "teacher", evaluate if judge_dir and cfg.eval_prompts else None)
     save_component(pipe.unet, jax.device_get(state["ema"]), os.path.join(teacher_dir, "unet"))
     log.info("saved the teacher pipeline to %s (last loss %.4g)", teacher_dir, last.get("loss", float("nan")))
     return last
