@@ -130,11 +130,20 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_guidance(workdir: str) -> dict:
+    """{"ddim": teacher CFG scale, "lcm": LCM guidance scale} of the run in ``workdir``: its config's
+    ``demo.ddim_guidance`` / ``demo.lcm_guidance`` when set, else SD's 7.5 and LCM's 8.5."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        cfg_demo = json.load(f).get("demo", {})
+    return {"ddim": cfg_demo.get("ddim_guidance") or 7.5, "lcm": cfg_demo.get("lcm_guidance") or 8.5}
+
+
 def evaluate(workdir: str, num_prompts: int = 128, steps: Sequence[int] = (1, 2, 4), seed: int = 0,
              guidance: Optional[dict] = None, prompt_seed: int = 0) -> list[dict]:
-    """Evaluate every row of `find_rows` on ``num_prompts`` held-out prompts; writes ``workdir/eval``."""
-    guidance = guidance or {"ddim": 7.5, "lcm": 8.5}
+    """Evaluate every row of `find_rows` on ``num_prompts`` held-out prompts (``guidance``: {"ddim", "lcm"} scales,
+    default `run_guidance`); writes ``workdir/eval``."""
     rows = find_rows(workdir, steps)
+    guidance = guidance or run_guidance(workdir)
     scenes = shapes.eval_scenes(num_prompts, prompt_seed)
     prompts = [shapes.caption(s, template=0) for s in scenes]
     judge, judge_params = judge_lib.load_judge(demo.demo_path("judge"))

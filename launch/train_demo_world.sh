@@ -28,14 +28,14 @@ clip --workdir="$RUNS/clip" --config.init_from="$RUNS/clip2/clip" --config.hard_
 main --config=configs/demo_clip.py:scorer --workdir="$RUNS/scorer"
 # v-prediction, 10,000 steps (measured on launch/demo_world_wip's VAE and CLIP: judge 0.109 at CFG 3, not yet the bar)
 main --config=configs/demo_teacher.py --workdir="$RUNS/teacher" --config.vae="$RUNS/vae/vae" \
-    --config.clip="$RUNS/clip/clip" --config.judge="$RUNS/judge/judge" --config.prediction_type=v_prediction \
-    --config.total_steps=10000
+    --config.clip="$RUNS/clip/clip" --config.judge="$RUNS/judge/judge"
 main --config=configs/lrm_pretrain.py:demo --workdir="$RUNS/lrm" --config.teacher="$RUNS/teacher/teacher"
 python - "$RUNS" <<'PY'
 import sys
-from jaxlcd.demo import ship_model
+from jaxlcd.demo import link_shared_tokenizer_files, ship_model
 runs = sys.argv[1]
 for name, src in [("teacher", "teacher/teacher"), ("clip", "clip/clip"), ("scorer", "scorer/clip"),
                   ("judge", "judge/judge"), ("lrm", "lrm/lrm")]:
     print("shipped", ship_model(f"{runs}/{src}", name))
+print("linked to clip/'s copy:", *link_shared_tokenizer_files(), sep="\n  ")
 PY

@@ -47,17 +47,24 @@ def edge_error(rec, pixels):
 
 
 def vae_loss(vae, params, pixels, rng, kl_weight: float, object_weight: float = 0.0, edge_weight: float = 0.0,
-             train_encoder: bool = True):
+             train_encoder: bool = True, latent_noise: float = 0.0):
     """pixels [B,H,W,3] in [-1,1] -> (loss, {"mse", "kl", "edge"}) float32 scalars.
 
     loss = mean(w * (rec - pixels)^2) + edge_weight * `edge_error` + kl_weight * KL per latent element, w = 1 +
     object_weight on foreground pixels (`foreground_mask`): small objects on flat backgrounds would otherwise be a few
     % of the error. ``train_encoder=False`` stops gradients at the posterior (the encoder and its latents stay fixed,
-    so a teacher trained on them stays valid while the decoder improves)."""
+    so a teacher trained on them stays valid while the decoder improves). ``latent_noise`` > 0 adds Gaussian noise of
+    std ~ U[0, latent_noise] (per example, in scaled-latent units, i.e. x the latent std) to the decoder's input: the
+    decoder learns to render slightly-off latents, like a diffusion model's, as the clean image."""
     moments = vae.apply({"params": params}, pixels, method=vae.encode)
     if not train_encoder:
         moments = jax.lax.stop_gradient(moments)
-    rec = vae.apply({"params": params}, vae_lib.latent_dist_sample(moments, rng), method=vae.decode)
+    k_post, k_std, k_noise = jax.random.split(rng, 3)
+    z = vae_lib.latent_dist_sample(moments, k_post)
+    if latent_noise:
+        std = jax.random.uniform(k_std, (z.shape[0], 1, 1, 1), maxval=latent_noise) / vae.config.scaling_factor
+        z = z + std * jax.random.normal(k_noise, z.shape, z.dtype)
+    rec = vae.apply({"params": params}, z, method=vae.decode)
     rec = rec.astype(jnp.float32)
     err = (rec - pixels) ** 2
     mse = jnp.mean(err)
@@ -68,13 +75,14 @@ def vae_loss(vae, params, pixels, rng, kl_weight: float, object_weight: float = 
 
 
 def make_vae_step(vae, tx, kl_weight: float, object_weight: float = 0.0, edge_weight: float = 0.0,
-                  train_encoder: bool = True):
+                  train_encoder: bool = True, latent_noise: float = 0.0):
     """``step(state {"step","params","opt_state","rng"}, frozen (unused), batch {"pixels"}) -> (state, metrics)``."""
 
     def step(state, frozen, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
         (loss, parts), grads = jax.value_and_grad(
-            lambda p: vae_loss(vae, p, batch["pixels"], key, kl_weight, object_weight, edge_weight, train_encoder),
+            lambda p: vae_loss(vae, p, batch["pixels"], key, kl_weight, object_weight, edge_weight, train_encoder,
+                               latent_noise),
             has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return (dict(state, step=state["step"] + 1, params=optax.apply_updates(state["params"], updates),
@@ -146,7 +154,11 @@ def train_vae(cfg, workdir: str) -> dict:
              "rng": jax.random.PRNGKey(cfg.seed + 1)}
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     make_batch = lambda host: parallel.global_batch({"pixels": host["pixels"]}, mesh)
-    step_fn = make_vae_step(vae, tx, cfg.kl_weight, cfg.object_weight, cfg.edge_weight, cfg.train_encoder)
+    if cfg.latent_noise and cfg.train_encoder:
+        raise ValueError("config.latent_noise needs config.train_encoder=false (noise is in units of a fixed "
+                         "encoder's scaled latents)")
+    step_fn = make_vae_step(vae, tx, cfg.kl_weight, cfg.object_weight, cfg.edge_weight, cfg.train_encoder,
+                            cfg.latent_noise)
     judge_dir = demo_judge_dir(cfg.judge)
     evaluate = (lambda st: reconstruction_check(vae, jax.device_get(st["params"]), judge_dir,
                                                 resolution=cfg.resolution)) if judge_dir else None
