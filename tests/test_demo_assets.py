@@ -3,7 +3,6 @@ import os
 
 import diffusers
 import numpy as np
-import pytest
 import torch
 
 from conftest import rel_err
