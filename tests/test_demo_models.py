@@ -36,6 +36,7 @@ def test_vae_trainer_writes_a_diffusers_vae_with_unit_variance_latents(tmp_path)
 
     # a decoder-only second phase from the saved folder: the encoder (and the scaling factor) come back bit-identical
     cfg.init_from, cfg.train_encoder, cfg.edge_weight, cfg.total_steps, cfg.judge = str(tmp_path / "vae"), False, 1.0, 2, ""
+    cfg.latent_noise = 0.3
     train_vae(cfg, str(tmp_path / "phase2"))
     again = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "phase2" / "vae")).eval()
     assert again.config.scaling_factor == vae.config.scaling_factor
@@ -46,6 +47,26 @@ def test_vae_trainer_writes_a_diffusers_vae_with_unit_variance_latents(tmp_path)
         elif not torch.equal(a, b):
             changed.add(name.split(".")[0])
     assert changed == {"decoder", "post_quant_conv"}
+
+
+def test_vae_latent_noise_reaches_only_the_decoder(tmp_path):
+    import jax
+    from jaxlcd.models import vae as vae_lib
+    from jaxlcd.train.vae_train import vae_loss
+
+    cfg = load_config("tiny", "demo_vae.py")
+    vae = vae_lib.build(dict(cfg.vae))
+    params = vae.init(jax.random.PRNGKey(0), *vae_lib.SPEC.dummy_inputs(vae))["params"]
+    pixels = np.stack([shapes.render(shapes.sample_scene(0, i), resolution=32) for i in range(2)]) / 127.5 - 1.0
+    loss = lambda p, noise: vae_loss(vae, p, pixels.astype(np.float32), jax.random.PRNGKey(1), 1e-5,
+                                     train_encoder=False, latent_noise=noise)[0]
+    assert float(loss(params, 0.0)) != float(loss(params, 1.0))
+    grads = jax.grad(loss)(params, 1.0)
+    assert all(not np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(grads["encoder"]))
+    assert any(np.any(np.asarray(g)) for g in jax.tree_util.tree_leaves(grads["decoder"]))
+    cfg.latent_noise = 0.3   # with a trained encoder the noise scale would drift: refused before any work
+    with pytest.raises(ValueError, match="latent_noise needs config.train_encoder=false"):
+        train_vae(cfg, str(tmp_path))
 
 
 @pytest.fixture(scope="module")

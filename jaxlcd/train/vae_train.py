@@ -137,6 +137,9 @@ def demo_judge_dir(judge: str) -> str:
 
 def train_vae(cfg, workdir: str) -> dict:
     """Train (or resume) the VAE on the shapes dataset; writes ``<workdir>/vae``. Returns the last metrics."""
+    if cfg.latent_noise and cfg.train_encoder:
+        raise ValueError("config.latent_noise needs config.train_encoder=false (noise is in units of a fixed "
+                         "encoder's scaled latents)")
     os.makedirs(workdir, exist_ok=True)
     tok = load_tokenizer(build_clip_tokenizer_files(os.path.join(workdir, "tokenizer")))
     batch = cfg.per_device_batch * jax.device_count()
@@ -154,9 +157,6 @@ def train_vae(cfg, workdir: str) -> dict:
              "rng": jax.random.PRNGKey(cfg.seed + 1)}
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     make_batch = lambda host: parallel.global_batch({"pixels": host["pixels"]}, mesh)
-    if cfg.latent_noise and cfg.train_encoder:
-        raise ValueError("config.latent_noise needs config.train_encoder=false (noise is in units of a fixed "
-                         "encoder's scaled latents)")
     step_fn = make_vae_step(vae, tx, cfg.kl_weight, cfg.object_weight, cfg.edge_weight, cfg.train_encoder,
                             cfg.latent_noise)
     judge_dir = demo_judge_dir(cfg.judge)
