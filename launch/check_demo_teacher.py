@@ -1,22 +1,72 @@
 """The demo judge on a teacher's DDIM-50 samples of held-out prompts, at several CFG scales (the teacher trainer's
-progress check, for any pipeline folder):
+progress check, for any pipeline folder), and optionally on its one-step denoising of real latents:
 
     python launch/check_demo_teacher.py jaxlcd/assets/demo/teacher [--guidance 1,3,7.5] [--prompts 64]
+        [--denoise 21,101,301] [--vae OTHER_VAE_DIR]
 
 Prints, per scale, scene accuracy (every attribute of the prompt right) and the accuracy of each attribute.
+``--denoise T,...``: training-distribution scenes are encoded, noised to each t and denoised in one step (the UNet's x0
+prediction, no CFG); prints the x0 RMS error (scaled-latent units) and the judge on the decoded x0 (t = 0: the clean
+latents): where the teacher loses what its latents hold. ``--vae``: decode with another vae/ folder that has the same
+encoder (a decoder-only phase), instead of the pipeline's.
 """
 import argparse
+import dataclasses
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlcd import eval_metrics
+from jaxlcd.data import shapes
 from jaxlcd.demo import demo_path
-from jaxlcd.pipeline import load_pipeline
+from jaxlcd.models import judge as judge_lib, vae as vae_lib
+from jaxlcd.pipeline import encode_prompts, load_pipeline
 from jaxlcd.train.teacher_train import sample_check
+from jaxlcd.weights import load_component
+
+
+def denoise_check(pipe, ts, num_scenes: int = 128):
+    judge = judge_lib.load_judge(demo_path("judge"))
+    scenes = [shapes.sample_scene(777, i) for i in range(num_scenes)]   # a seed the teacher never trained on
+    prompts = [shapes.caption(s, template=0) for s in scenes]
+    x = np.stack([shapes.render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
+    moments = pipe.vae.apply({"params": pipe.vae_params}, x, method=pipe.vae.encode)
+    z0 = vae_lib.scale_latents(vae_lib.latent_dist_mode(moments), pipe.vae.config)
+    ctx = encode_prompts(pipe, prompts)
+    eps = jax.random.normal(jax.random.PRNGKey(0), z0.shape)
+    decode = jax.jit(lambda z: pipe.vae.apply({"params": pipe.vae_params}, vae_lib.unscale_latents(z, pipe.vae.config),
+                                              method=pipe.vae.decode))
+    for t in ts:
+        x0 = z0
+        if t > 0:
+            alpha, sigma = jnp.sqrt(pipe.abar[t]), jnp.sqrt(1.0 - pipe.abar[t])
+            zt = alpha * z0 + sigma * eps
+            out = pipe.unet.apply({"params": pipe.unet_params}, zt, jnp.full((num_scenes,), t), ctx)
+            x0 = {"epsilon": (zt - sigma * out) / alpha, "v_prediction": alpha * zt - sigma * out}[pipe.prediction_type]
+        images = np.clip((np.asarray(decode(x0), np.float32) + 1.0) / 2.0, 0.0, 1.0)
+        predicted, _ = judge_lib.predict(*judge, images)
+        acc = eval_metrics.attribute_accuracy(predicted, prompts)
+        print(f"denoise t {t}: x0 rms error {float(jnp.sqrt(jnp.mean((x0 - z0) ** 2))):.3f}, scene "
+              f"{eval_metrics.scene_accuracy(predicted, prompts):.3f}, shape {acc['shape']:.3f}, colour "
+              f"{acc['colour']:.3f}, size {acc['size']:.3f}", flush=True)
+
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("teacher", help="a StableDiffusionPipeline folder")
-parser.add_argument("--guidance", default="1,3,7.5", help="comma-separated CFG scales")
+parser.add_argument("--guidance", default="1,3,7.5", help="comma-separated CFG scales ('' for none)")
 parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (the first N of shapes.eval_prompts)")
+parser.add_argument("--denoise", default="", help="comma-separated timesteps for the one-step denoising check")
+parser.add_argument("--vae", default="", help="decode with this vae/ folder (same encoder) instead")
 args = parser.parse_args()
 pipe = load_pipeline(args.teacher)
-for g in (float(x) for x in args.guidance.split(",")):
+if args.vae:
+    vae, vae_params = load_component(args.vae)
+    if vae.config.scaling_factor != pipe.vae.config.scaling_factor:
+        raise SystemExit(f"--vae {args.vae!r} has another scaling_factor than the teacher's VAE: not the same encoder")
+    pipe = dataclasses.replace(pipe, vae=vae, vae_params=vae_params)
+for g in (float(x) for x in args.guidance.split(",") if x):
     scores = sample_check(pipe, pipe.unet_params, demo_path("judge"), args.prompts, guidance=g)
     print(f"CFG {g:g}: " + ", ".join(f"{k.removeprefix('ddim_judge_')} {v:.3f}" for k, v in scores.items()), flush=True)
+if args.denoise:
+    denoise_check(pipe, [int(t) for t in args.denoise.split(",")])
