@@ -20,7 +20,9 @@ def test_shortened_demo_job_trains_and_writes_the_table(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| teacher DDIM-50 |" in proc.stdout
-    rows = json.loads((workdir / "eval" / "results.json").read_text())["rows"]
+    results = json.loads((workdir / "eval" / "results.json").read_text())
+    rows = results["rows"]
+    assert results["meta"]["guidance"] == {"ddim": 3.0, "lcm": 3.0}   # the demo config's scales, not SD's
     names = [r["name"] for r in rows]
     assert names[:2] == ["real (rendered)", "teacher DDIM-50"]
     assert [n for n in names if n.startswith("RG-LCM")] == [f"RG-LCM (direct: clipscore) {k}-step" for k in (1, 2, 4)]
@@ -52,6 +54,7 @@ def test_demo_variants_refuse_a_guidance_suffix():
     cfg = load_config("demo")
     assert cfg.reward.name == "clipscore" and cfg.demo.baselines == ("lcd",) and not cfg.lrm.enabled
     assert load_config("demo_lrm").lrm.enabled and load_config("demo_lcd").reward.name == ""
+    assert (cfg.lcd.w_min, cfg.lcd.w_max) == (1.0, 3.0) and load_config("sd21base").lcd.w_max == 15.0
     from jaxlcd.demo import baseline_config
 
     lcd = baseline_config(cfg, "lcd")
