@@ -2,10 +2,10 @@
 progress check, for any pipeline folder), and optionally on its one-step denoising of real latents:
 
     python launch/check_demo_teacher.py jaxlcd/assets/demo/teacher [--guidance 1,3,7.5] [--prompts 64]
-        [--denoise 21,101,301] [--vae OTHER_VAE_DIR]
+        [--denoise 21,101,301 [--scene-seed 777]] [--vae OTHER_VAE_DIR]
 
 Prints, per scale, scene accuracy (every attribute of the prompt right) and the accuracy of each attribute.
-``--denoise T,...``: training-distribution scenes are encoded, noised to each t and denoised in one step (the UNet's x0
+``--denoise T,...``: training-distribution scenes (of ``--scene-seed``) are encoded, noised to each t and denoised in one step (the UNet's x0
 prediction, no CFG); prints the x0 RMS error (scaled-latent units) and the judge on the decoded x0 (t = 0: the clean
 latents): where the teacher loses what its latents hold. ``--vae``: decode with another vae/ folder that has the same
 encoder (a decoder-only phase), instead of the pipeline's.
@@ -26,9 +26,9 @@ from jaxlcd.train.teacher_train import sample_check
 from jaxlcd.weights import load_component
 
 
-def denoise_check(pipe, ts, num_scenes: int = 128):
+def denoise_check(pipe, ts, scene_seed: int, num_scenes: int = 128):
     judge = judge_lib.load_judge(demo_path("judge"))
-    scenes = [shapes.sample_scene(777, i) for i in range(num_scenes)]   # a seed the teacher never trained on
+    scenes = [shapes.sample_scene(scene_seed, i) for i in range(num_scenes)]
     prompts = [shapes.caption(s, template=0) for s in scenes]
     x = np.stack([shapes.render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     moments = pipe.vae.apply({"params": pipe.vae_params}, x, method=pipe.vae.encode)
@@ -57,6 +57,8 @@ parser.add_argument("teacher", help="a StableDiffusionPipeline folder")
 parser.add_argument("--guidance", default="1,3,7.5", help="comma-separated CFG scales ('' for none)")
 parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (the first N of shapes.eval_prompts)")
 parser.add_argument("--denoise", default="", help="comma-separated timesteps for the one-step denoising check")
+parser.add_argument("--scene-seed", type=int, default=777,
+                    help="shapes stream seed of the denoised scenes (the teacher trains on scenes 0.. of seed 0)")
 parser.add_argument("--vae", default="", help="decode with this vae/ folder (same encoder) instead")
 args = parser.parse_args()
 pipe = load_pipeline(args.teacher)
@@ -69,4 +71,4 @@ for g in (float(x) for x in args.guidance.split(",") if x):
     scores = sample_check(pipe, pipe.unet_params, demo_path("judge"), args.prompts, guidance=g)
     print(f"CFG {g:g}: " + ", ".join(f"{k.removeprefix('ddim_judge_')} {v:.3f}" for k, v in scores.items()), flush=True)
 if args.denoise:
-    denoise_check(pipe, [int(t) for t in args.denoise.split(",")])
+    denoise_check(pipe, [int(t) for t in args.denoise.split(",")], args.scene_seed)
