@@ -5,9 +5,9 @@ progress check, for any pipeline folder), and optionally on its one-step denoisi
         [--denoise 21,101,301 [--scene-seed 777]] [--vae OTHER_VAE_DIR]
 
 Prints, per scale, scene accuracy (every attribute of the prompt right) and the accuracy of each attribute.
-``--denoise T,...``: training-distribution scenes (of ``--scene-seed``) are encoded, noised to each t and denoised in one step (the UNet's x0
-prediction, no CFG); prints the x0 RMS error (scaled-latent units) and the judge on the decoded x0 (t = 0: the clean
-latents): where the teacher loses what its latents hold. ``--vae``: decode with another vae/ folder that has the same
+``--denoise T,...``: training-distribution scenes (of ``--scene-seed``) are encoded, noised to each t and denoised in
+one step (the UNet's x0 prediction, no CFG); prints the x0 RMS error (scaled-latent units) and the judge on the
+decoded x0 (t = 0: the clean latents): where the teacher loses what its latents hold. ``--vae``: decode with another vae/ folder that has the same
 encoder (a decoder-only phase), instead of the pipeline's.
 """
 import argparse
@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlcd import eval_metrics
 from jaxlcd.data import shapes
 from jaxlcd.demo import demo_path
+from jaxlcd.diffusion import samplers, schedule
 from jaxlcd.models import judge as judge_lib, vae as vae_lib
 from jaxlcd.pipeline import encode_prompts, load_pipeline
-from jaxlcd.train.teacher_train import sample_check
+from jaxlcd.train.teacher_train import judge_scores, sample_check
 from jaxlcd.weights import load_component
 
 
@@ -35,21 +35,20 @@ def denoise_check(pipe, ts, scene_seed: int, num_scenes: int = 128):
     z0 = vae_lib.scale_latents(vae_lib.latent_dist_mode(moments), pipe.vae.config)
     ctx = encode_prompts(pipe, prompts)
     eps = jax.random.normal(jax.random.PRNGKey(0), z0.shape)
-    decode = jax.jit(lambda z: pipe.vae.apply({"params": pipe.vae_params}, vae_lib.unscale_latents(z, pipe.vae.config),
-                                              method=pipe.vae.decode))
+    decode = jax.jit(lambda z: samplers.decode_to_images(
+        lambda u: pipe.vae.apply({"params": pipe.vae_params}, u, method=pipe.vae.decode), z,
+        pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor or 0.0))
     for t in ts:
         x0 = z0
         if t > 0:
             alpha, sigma = jnp.sqrt(pipe.abar[t]), jnp.sqrt(1.0 - pipe.abar[t])
             zt = alpha * z0 + sigma * eps
             out = pipe.unet.apply({"params": pipe.unet_params}, zt, jnp.full((num_scenes,), t), ctx)
-            x0 = {"epsilon": (zt - sigma * out) / alpha, "v_prediction": alpha * zt - sigma * out}[pipe.prediction_type]
-        images = np.clip((np.asarray(decode(x0), np.float32) + 1.0) / 2.0, 0.0, 1.0)
-        predicted, _ = judge_lib.predict(*judge, images)
-        acc = eval_metrics.attribute_accuracy(predicted, prompts)
+            x0, _ = schedule.to_x0_eps(out, zt, alpha, sigma, pipe.prediction_type)
+        scores = judge_scores(judge, decode(x0), prompts)
         print(f"denoise t {t}: x0 rms error {float(jnp.sqrt(jnp.mean((x0 - z0) ** 2))):.3f}, scene "
-              f"{eval_metrics.scene_accuracy(predicted, prompts):.3f}, shape {acc['shape']:.3f}, colour "
-              f"{acc['colour']:.3f}, size {acc['size']:.3f}", flush=True)
+              f"{scores['judge_acc']:.3f}, shape {scores['judge_shape']:.3f}, colour {scores['judge_colour']:.3f}, "
+              f"size {scores['judge_size']:.3f}", flush=True)
 
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -148,10 +148,18 @@ def sample_check(pipe, unet_params, judge_dir: str, num_prompts: int = 64, steps
     pipe = dataclasses.replace(pipe, unet_params=unet_params)
     z = jax.random.normal(jax.random.PRNGKey(seed), (num_prompts,) + pipe.latent_shape)
     _, images = sample_ddim(pipe, prompts, steps, guidance, latents=z)
-    predicted, _ = judge_lib.predict(*judge_lib.load_judge(judge_dir), np.asarray(images, np.float32))
+    return {f"ddim_{k}": v for k, v in judge_scores(judge_lib.load_judge(judge_dir), images, prompts).items()}
+
+
+def judge_scores(judge, images, prompts: list[str]) -> dict:
+    """The judge ((module, params)) on images [N,H,W,3] in [0,1] of N prompts: {"judge_acc" (all attributes right),
+    "judge_<attribute>" for each key of `eval_metrics.attribute_accuracy`}, floats."""
+    from jaxlcd.models import judge as judge_lib
+
+    predicted, _ = judge_lib.predict(*judge, np.asarray(images, np.float32))
     per_attribute = eval_metrics.attribute_accuracy(predicted, prompts)
-    return {"ddim_judge_acc": eval_metrics.scene_accuracy(predicted, prompts),
-            **{f"ddim_judge_{k}": v for k, v in per_attribute.items()}}
+    return {"judge_acc": eval_metrics.scene_accuracy(predicted, prompts),
+            **{f"judge_{k}": v for k, v in per_attribute.items()}}
 
 
 def train_teacher(cfg, workdir: str) -> dict:

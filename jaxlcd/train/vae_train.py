@@ -59,9 +59,9 @@ def vae_loss(vae, params, pixels, rng, kl_weight: float, object_weight: float = 
     moments = vae.apply({"params": params}, pixels, method=vae.encode)
     if not train_encoder:
         moments = jax.lax.stop_gradient(moments)
-    k_post, k_std, k_noise = jax.random.split(rng, 3)
-    z = vae_lib.latent_dist_sample(moments, k_post)
+    z = vae_lib.latent_dist_sample(moments, rng)
     if latent_noise:
+        k_std, k_noise = jax.random.split(jax.random.fold_in(rng, 1))
         std = jax.random.uniform(k_std, (z.shape[0], 1, 1, 1), maxval=latent_noise) / vae.config.scaling_factor
         z = z + std * jax.random.normal(k_noise, z.shape, z.dtype)
     rec = vae.apply({"params": params}, z, method=vae.decode)
