@@ -33,7 +33,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.object_weight = 10.0         # extra MSE weight on pixels that differ from the background (0 = plain MSE)
     c.edge_weight = 0.0            # L1 on finite differences of rec vs image (sharper edges than the MSE alone)
     c.train_encoder = True         # False: decoder-only phase (latents, and a teacher trained on them, stay valid)
-    c.latent_noise = 0.0           # decoder-only: Gaussian noise of std ~ U[0, this] (x latent std) on its input
+    c.latent_noise = 0.0           # Gaussian noise of std ~ U[0, this] (x latent std) on the decoder's input
     c.log_every = 50
     c.checkpoint_every = 500
     c.keep_checkpoints = 2

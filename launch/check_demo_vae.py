@@ -1,9 +1,12 @@
 """Judge accuracy on a VAE's reconstructions of 256 held-out shapes scenes (the ceiling of any teacher built on it;
-the VAE trainer logs the same check at every checkpoint), and how textured its latents are over flat background:
+the VAE trainer logs the same check at every checkpoint), how much of that survives latent noise, how textured its
+latents are over flat background, and how far apart in latent space two scenes that differ in one object's shape (or
+colour) are, next to the diffusion noise that has to leave that difference readable:
 
-    python launch/check_demo_vae.py jaxlcd/assets/demo/teacher/vae
+    python launch/check_demo_vae.py jaxlcd/assets/demo/teacher/vae [--noise 0.1,0.2,0.3]
 """
-import sys
+import argparse
+import dataclasses
 
 import numpy as np
 
@@ -30,6 +33,39 @@ def flat_background_texture(vae, params, num_scenes: int = 128) -> dict:
             "latent_std": float(z.std())}
 
 
-vae, params = load_component(sys.argv[1])
-print(sys.argv[1], reconstruction_check(vae, params, demo_path("judge")))
+def attribute_contrast(vae, params, num_scenes: int = 128) -> dict:
+    """{"shape" | "colour": mean over scenes of the largest per-cell distance (L2 over channels, scaled latents)
+    between a scene's latents and those of the same scene (same layout) with its first object's shape (the next in
+    SHAPES) or colour (another free one) changed}. Gaussian noise of std s per channel moves a cell by ~2 s."""
+    rng = np.random.default_rng(0)
+    scenes = [shapes.sample_scene(777, i) for i in range(num_scenes)]
+
+    def changed(scene, kind):
+        first = scene.objects[0]
+        if kind == "shape":
+            first = dataclasses.replace(first, shape=shapes.SHAPES[(shapes.SHAPES.index(first.shape) + 1)
+                                                                    % len(shapes.SHAPES)])
+        else:
+            free = [c for c in shapes.COLOURS if c != scene.background and all(c != o.colour for o in scene.objects)]
+            first = dataclasses.replace(first, colour=free[int(rng.integers(len(free)))])
+        return dataclasses.replace(scene, objects=(first,) + scene.objects[1:])
+
+    def encode(batch):
+        x = np.stack([shapes.render(s) for s in batch]).astype(np.float32) / 127.5 - 1.0
+        moments = vae.apply({"params": params}, x, method=vae.encode)
+        return np.asarray(vae_lib.scale_latents(vae_lib.latent_dist_mode(moments), vae.config))
+
+    z = encode(scenes)
+    return {kind: float(np.sqrt(((encode([changed(s, kind) for s in scenes]) - z) ** 2).sum(-1)).max((1, 2)).mean())
+            for kind in ("shape", "colour")}
+
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("vae", help="a diffusers vae/ folder")
+parser.add_argument("--noise", default="0.1", help="comma-separated latent noise levels (x latent std)")
+args = parser.parse_args()
+vae, params = load_component(args.vae)
+for noise in (float(x) for x in args.noise.split(",")):
+    print(f"noise {noise:g}:", reconstruction_check(vae, params, demo_path("judge"), noise=noise), flush=True)
 print("latents over flat background:", flat_background_texture(vae, params))
+print("largest per-cell latent distance when one object changes:", attribute_contrast(vae, params))

@@ -54,15 +54,18 @@ def vae_loss(vae, params, pixels, rng, kl_weight: float, object_weight: float = 
     object_weight on foreground pixels (`foreground_mask`): small objects on flat backgrounds would otherwise be a few
     % of the error. ``train_encoder=False`` stops gradients at the posterior (the encoder and its latents stay fixed,
     so a teacher trained on them stays valid while the decoder improves). ``latent_noise`` > 0 adds Gaussian noise of
-    std ~ U[0, latent_noise] (per example, in scaled-latent units, i.e. x the latent std) to the decoder's input: the
-    decoder learns to render slightly-off latents, like a diffusion model's, as the clean image."""
+    std ~ U[0, latent_noise] x the batch std of the posterior means (per example) to the decoder's input: the decoder
+    learns to render slightly-off latents, like a diffusion model's, as the clean image; with the encoder trained too,
+    the encoder must also write what matters (shape) with an amplitude above that noise, where the diffusion loss sees
+    it, rather than in small latent details (the noise scale follows the latents, so growing them does not help)."""
     moments = vae.apply({"params": params}, pixels, method=vae.encode)
     if not train_encoder:
         moments = jax.lax.stop_gradient(moments)
     z = vae_lib.latent_dist_sample(moments, rng)
     if latent_noise:
         k_std, k_noise = jax.random.split(jax.random.fold_in(rng, 1))
-        std = jax.random.uniform(k_std, (z.shape[0], 1, 1, 1), maxval=latent_noise) / vae.config.scaling_factor
+        scale = jax.lax.stop_gradient(jnp.std(vae_lib.latent_dist_mode(moments)))
+        std = jax.random.uniform(k_std, (z.shape[0], 1, 1, 1), maxval=latent_noise) * scale
         z = z + std * jax.random.normal(k_noise, z.shape, z.dtype)
     rec = vae.apply({"params": params}, z, method=vae.decode)
     rec = rec.astype(jnp.float32)
@@ -137,9 +140,6 @@ def demo_judge_dir(judge: str) -> str:
 
 def train_vae(cfg, workdir: str) -> dict:
     """Train (or resume) the VAE on the shapes dataset; writes ``<workdir>/vae``. Returns the last metrics."""
-    if cfg.latent_noise and cfg.train_encoder:
-        raise ValueError("config.latent_noise needs config.train_encoder=false (noise is in units of a fixed "
-                         "encoder's scaled latents)")
     os.makedirs(workdir, exist_ok=True)
     tok = load_tokenizer(build_clip_tokenizer_files(os.path.join(workdir, "tokenizer")))
     batch = cfg.per_device_batch * jax.device_count()
