@@ -116,7 +116,7 @@ def test_clip_trainer_continues_from_a_saved_clip_folder(tmp_path, tiny_clip_dir
         assert torch.equal(value, after[name]), name
 
 
-@pytest.mark.slow  # ~2 min: compiles the tiny UNet training step twice
+@pytest.mark.slow  # ~3 min: compiles the tiny UNet training step three times
 def test_teacher_trainer_writes_a_pipeline_diffusers_samples_with_the_clip_text_tower(tmp_path, tiny_clip_dir):
     from jaxlcd.train.teacher_train import train_teacher
     from jaxlcd.train.vae_train import train_vae
@@ -153,6 +153,14 @@ def test_teacher_trainer_writes_a_pipeline_diffusers_samples_with_the_clip_text_
 
     with pytest.raises(ValueError, match="config.init_from"):
         initial_unet_params(teacher, unet_lib.build(dict(cfg.unet, block_out_channels=(32, 32))))
+
+    # trained jointly, the text encoder saved with the teacher moves away from the CLIP's text tower
+    cfg.init_from, cfg.total_steps, cfg.learning_rate, cfg.train_text_encoder = "", 2, 1e-2, True
+    train_teacher(cfg, str(tmp_path / "joint"))
+    joint = transformers.CLIPTextModel.from_pretrained(str(tmp_path / "joint" / "teacher" / "text_encoder")).eval()
+    with torch.no_grad():
+        moved = joint(ids).last_hidden_state - clip.text_model(ids).last_hidden_state
+    assert float(moved.abs().max()) > 1e-3
 
 
 def test_array_batches_resume_where_they_stopped():

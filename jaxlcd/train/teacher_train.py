@@ -104,13 +104,17 @@ def ema_decay_at(step, max_decay: float):
     return jnp.where(step > 0, jnp.minimum(max_decay, (1.0 + step) / (10.0 + step)), 0.0)
 
 
-def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, snr_gamma: float = 0.0):
+def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, snr_gamma: float = 0.0,
+                      train_text_encoder: bool = False):
     """``step(state {"step","params","ema","opt_state","rng"}, text params, batch {"moments","input_ids"})``:
     MSE of the UNet's epsilon / v prediction at t ~ U{0..T-1} (weighted by `min_snr_weight`), captions replaced by
-    "" with prob ``p_uncond``; the EMA follows `ema_decay_at`."""
+    "" with prob ``p_uncond``; the EMA follows `ema_decay_at`. ``train_text_encoder``: the state's params (and EMA)
+    are {"unet", "text"} and the text encoder learns from the same loss (the frozen text params are then unused)."""
     abar = jnp.asarray(pipe.abar, jnp.float32)
 
     def loss_fn(params, text_params, batch, key):
+        if train_text_encoder:
+            params, text_params = params["unet"], params["text"]
         k_z, k_drop, k_t, k_eps = jax.random.split(key, 4)
         z0 = vae_lib.scale_latents(vae_lib.latent_dist_sample(batch["moments"], k_z), pipe.vae.config)
         b = z0.shape[0]
@@ -119,7 +123,9 @@ def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, s
         t = jax.random.randint(k_t, (b,), 0, abar.shape[0])
         eps = jax.random.normal(k_eps, z0.shape, jnp.float32)
         alpha, sigma = jnp.sqrt(abar[t])[:, None, None, None], jnp.sqrt(1.0 - abar[t])[:, None, None, None]
-        out = pipe.unet.apply({"params": params}, alpha * z0 + sigma * eps, t, jax.lax.stop_gradient(ctx))
+        if not train_text_encoder:
+            ctx = jax.lax.stop_gradient(ctx)
+        out = pipe.unet.apply({"params": params}, alpha * z0 + sigma * eps, t, ctx)
         target = eps if pipe.prediction_type == "epsilon" else alpha * eps - sigma * z0
         per_example = jnp.mean((out.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
         return jnp.mean(min_snr_weight(abar[t], snr_gamma, pipe.prediction_type) * per_example)
@@ -138,14 +144,16 @@ def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, s
 
 
 def sample_check(pipe, unet_params, judge_dir: str, num_prompts: int = 64, steps: int = 50,
-                 guidance: float = 7.5, seed: int = 0) -> dict:
+                 guidance: float = 7.5, seed: int = 0, text_params=None) -> dict:
     """The judge (folder ``judge_dir``) on DDIM-``steps`` samples (CFG ``guidance``, latent seed ``seed``) of
     ``pipe`` with ``unet_params``, for the first ``num_prompts`` held-out prompts: {"ddim_judge_acc" (all
-    attributes right), "ddim_judge_<attribute>" for each key of `eval_metrics.attribute_accuracy`}, floats."""
+    attributes right), "ddim_judge_<attribute>" for each key of `eval_metrics.attribute_accuracy`}, floats.
+    ``text_params``: the text encoder's, instead of the pipeline's."""
     from jaxlcd.models import judge as judge_lib
 
     prompts = shapes.eval_prompts(num_prompts)
-    pipe = dataclasses.replace(pipe, unet_params=unet_params)
+    pipe = dataclasses.replace(pipe, unet_params=unet_params, text_params=pipe.text_params if text_params is None
+                               else text_params)
     z = jax.random.normal(jax.random.PRNGKey(seed), (num_prompts,) + pipe.latent_shape)
     _, images = sample_ddim(pipe, prompts, steps, guidance, latents=z)
     return {f"ddim_{k}": v for k, v in judge_scores(judge_lib.load_judge(judge_dir), images, prompts).items()}
@@ -179,21 +187,32 @@ def train_teacher(cfg, workdir: str) -> dict:
     params = pipe.unet_params
     if cfg.get("init_from"):  # continue (fresh optimizer and schedule) from a saved unet/ or pipeline folder
         params = initial_unet_params(cfg.init_from, pipe.unet)
+    if cfg.train_text_encoder:
+        text_params = pipe.text_params
+        if cfg.get("init_from") and os.path.isfile(os.path.join(cfg.init_from, "text_encoder", "config.json")):
+            text_params = load_component(os.path.join(cfg.init_from, "text_encoder"))[1]  # a teacher's own
+        params = {"unet": params, "text": text_params}
     ema = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), params)  # own buffers: the step donates both
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "ema": ema, "opt_state": tx.init(params),
              "rng": jax.random.PRNGKey(cfg.seed + 1)}
     uncond_ids = jnp.asarray(tokenize(pipe.tokenizer, [""])[0])
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    step_fn = make_teacher_step(pipe, tx, uncond_ids, cfg.p_uncond, cfg.ema_decay, cfg.snr_gamma)
+    step_fn = make_teacher_step(pipe, tx, uncond_ids, cfg.p_uncond, cfg.ema_decay, cfg.snr_gamma,
+                                cfg.train_text_encoder)
+    split = lambda tree: (tree["unet"], tree["text"]) if cfg.train_text_encoder else (tree, None)
     judge_dir = demo_judge_dir(cfg.judge)
 
     def evaluate(st):
-        ema = jax.device_get(st["ema"])
+        unet_ema, text_ema = split(jax.device_get(st["ema"]))
         return {f"cfg{g:g}_{k}": v for g in cfg.eval_guidance
-                for k, v in sample_check(pipe, ema, judge_dir, cfg.eval_prompts, guidance=g).items()}
+                for k, v in sample_check(pipe, unet_ema, judge_dir, cfg.eval_prompts, guidance=g,
+                                         text_params=text_ema).items()}
     state, last = run_loop(workdir, cfg, mesh, state, step_fn, pipe.text_params,
                            ArrayBatches(arrays, batch, cfg.data_seed), lambda h: parallel.global_batch(h, mesh),
                            "teacher", evaluate if judge_dir and cfg.eval_prompts else None)
-    save_component(pipe.unet, jax.device_get(state["ema"]), os.path.join(teacher_dir, "unet"))
+    unet_ema, text_ema = split(jax.device_get(state["ema"]))
+    save_component(pipe.unet, unet_ema, os.path.join(teacher_dir, "unet"))
+    if text_ema is not None:
+        save_component(pipe.text_encoder, text_ema, os.path.join(teacher_dir, "text_encoder"))
     log.info("saved the teacher pipeline to %s (last loss %.4g)", teacher_dir, last.get("loss", float("nan")))
     return last
