@@ -174,12 +174,13 @@ def lcm_generate(unet_params, vae_params, z, ctx, guidance, abar, noises, *, une
 
 
 def sample_ddim(pipe: Pipeline, prompts: Sequence[str], num_steps: int = 50, guidance: float = 7.5,
-                negative_prompt: str = "", latents=None, rng=None):
+                negative_prompt: str = "", latents=None, rng=None, start_step: int = 0):
     """Deterministic DDIM (eta 0) with classifier-free guidance, as diffusers' StableDiffusionPipeline.
 
     The unconditional branch encodes ``negative_prompt`` ("" by default). latents [B,h,w,c] NHWC float32
-    (drawn from ``rng`` when None; rng defaults to PRNGKey(0)). Returns (latents [B,h,w,c] float32,
-    images [B,H,W,3] float32 in [0,1]).
+    (drawn from ``rng`` when None; rng defaults to PRNGKey(0)). ``start_step`` > 0 skips the first DDIM steps:
+    ``latents`` are then noisy latents at timestep ``ddim_timesteps(...)[start_step]`` (SDEdit / img2img).
+    Returns (latents [B,h,w,c] float32, images [B,H,W,3] float32 in [0,1]).
     """
     prompts = _as_list(prompts)
     if num_steps < 1:
@@ -189,6 +190,7 @@ def sample_ddim(pipe: Pipeline, prompts: Sequence[str], num_steps: int = 50, gui
     cfg = pipe.scheduler_config
     ts = schedule.ddim_timesteps(cfg, num_steps)
     prev = schedule.ddim_prev_alphas(cfg, ts, num_steps)
+    ts, prev = ts[start_step:], prev[start_step:]
     ctx = encode_prompts(pipe, prompts)
     uncond = encode_prompts(pipe, [negative_prompt] * len(prompts))
     return _ddim_run(pipe.unet_params, pipe.vae_params, z, ctx, uncond, jnp.float32(guidance), pipe.abar,

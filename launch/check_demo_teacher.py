@@ -2,12 +2,14 @@
 progress check, for any pipeline folder), and optionally on its one-step denoising of real latents:
 
     python launch/check_demo_teacher.py jaxlcd/assets/demo/teacher [--guidance 1,3,7.5] [--prompts 64]
-        [--denoise 21,101,301 [--scene-seed 777]] [--vae OTHER_VAE_DIR]
+        [--denoise 21,101,301] [--sdedit 101,301] [--scene-seed 777] [--vae OTHER_VAE_DIR]
 
 Prints, per scale, scene accuracy (every attribute of the prompt right) and the accuracy of each attribute.
 ``--denoise T,...``: training-distribution scenes (of ``--scene-seed``) are encoded, noised to each t and denoised in
 one step (the UNet's x0 prediction, no CFG); prints the x0 RMS error (scaled-latent units) and the judge on the
-decoded x0 (t = 0: the clean latents): where the teacher loses what its latents hold. ``--vae``: decode with another vae/ folder that has the same
+decoded x0 (t = 0: the clean latents): where the teacher loses what its latents hold. ``--sdedit T,...``: the same
+scenes noised to the last DDIM-50 timestep <= T and sampled from there with DDIM at the first ``--guidance`` scale
+(SDEdit): whether the teacher keeps a scene it is shown half-way, as opposed to drawing it from noise. ``--vae``: decode with another vae/ folder that has the same
 encoder (a decoder-only phase), instead of the pipeline's.
 """
 import argparse
@@ -21,20 +23,39 @@ from jaxlcd.data import shapes
 from jaxlcd.demo import demo_path
 from jaxlcd.diffusion import samplers, schedule
 from jaxlcd.models import judge as judge_lib, vae as vae_lib
-from jaxlcd.pipeline import encode_prompts, load_pipeline
+from jaxlcd.pipeline import encode_prompts, load_pipeline, sample_ddim
 from jaxlcd.train.teacher_train import judge_scores, sample_check
 from jaxlcd.weights import load_component
 
 
-def denoise_check(pipe, ts, scene_seed: int, num_scenes: int = 128):
-    judge = judge_lib.load_judge(demo_path("judge"))
+def real_latents(pipe, scene_seed: int, num_scenes: int):
+    """(captions, scaled latents [N,h,w,c] of the rendered scenes, noise [N,h,w,c] of PRNGKey(0))."""
     scenes = [shapes.sample_scene(scene_seed, i) for i in range(num_scenes)]
-    prompts = [shapes.caption(s, template=0) for s in scenes]
     x = np.stack([shapes.render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     moments = pipe.vae.apply({"params": pipe.vae_params}, x, method=pipe.vae.encode)
     z0 = vae_lib.scale_latents(vae_lib.latent_dist_mode(moments), pipe.vae.config)
+    return [shapes.caption(s, template=0) for s in scenes], z0, jax.random.normal(jax.random.PRNGKey(0), z0.shape)
+
+
+def sdedit_check(pipe, ts, guidance: float, scene_seed: int, num_scenes: int = 128):
+    judge = judge_lib.load_judge(demo_path("judge"))
+    prompts, z0, eps = real_latents(pipe, scene_seed, num_scenes)
+    ddim_ts = schedule.ddim_timesteps(pipe.scheduler_config, 50)
+    for t in ts:
+        k = int(np.argmax(ddim_ts <= t))
+        a = float(pipe.abar[ddim_ts[k]])
+        _, images = sample_ddim(pipe, prompts, 50, guidance, latents=np.sqrt(a) * z0 + np.sqrt(1 - a) * eps,
+                                start_step=k)
+        scores = judge_scores(judge, images, prompts)
+        print(f"sdedit from t {ddim_ts[k]} (CFG {guidance:g}): scene {scores['judge_acc']:.3f}, shape "
+              f"{scores['judge_shape']:.3f}, colour {scores['judge_colour']:.3f}, size {scores['judge_size']:.3f}",
+              flush=True)
+
+
+def denoise_check(pipe, ts, scene_seed: int, num_scenes: int = 128):
+    judge = judge_lib.load_judge(demo_path("judge"))
+    prompts, z0, eps = real_latents(pipe, scene_seed, num_scenes)
     ctx = encode_prompts(pipe, prompts)
-    eps = jax.random.normal(jax.random.PRNGKey(0), z0.shape)
     decode = jax.jit(lambda z: samplers.decode_to_images(
         lambda u: pipe.vae.apply({"params": pipe.vae_params}, u, method=pipe.vae.decode), z,
         pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor or 0.0))
@@ -56,6 +77,7 @@ parser.add_argument("teacher", help="a StableDiffusionPipeline folder")
 parser.add_argument("--guidance", default="1,3,7.5", help="comma-separated CFG scales ('' for none)")
 parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (the first N of shapes.eval_prompts)")
 parser.add_argument("--denoise", default="", help="comma-separated timesteps for the one-step denoising check")
+parser.add_argument("--sdedit", default="", help="comma-separated timesteps to start DDIM from (SDEdit check)")
 parser.add_argument("--scene-seed", type=int, default=777,
                     help="shapes stream seed of the denoised scenes (the teacher trains on scenes 0.. of seed 0)")
 parser.add_argument("--vae", default="", help="decode with this vae/ folder (same encoder) instead")
@@ -66,8 +88,11 @@ if args.vae:
     if vae.config.scaling_factor != pipe.vae.config.scaling_factor:
         raise SystemExit(f"--vae {args.vae!r} has another scaling_factor than the teacher's VAE: not the same encoder")
     pipe = dataclasses.replace(pipe, vae=vae, vae_params=vae_params)
-for g in (float(x) for x in args.guidance.split(",") if x):
+scales = [float(x) for x in args.guidance.split(",") if x]
+for g in scales:
     scores = sample_check(pipe, pipe.unet_params, demo_path("judge"), args.prompts, guidance=g)
     print(f"CFG {g:g}: " + ", ".join(f"{k.removeprefix('ddim_judge_')} {v:.3f}" for k, v in scores.items()), flush=True)
 if args.denoise:
     denoise_check(pipe, [int(t) for t in args.denoise.split(",")], args.scene_seed)
+if args.sdedit:
+    sdedit_check(pipe, [int(t) for t in args.sdedit.split(",")], scales[0] if scales else 1.0, args.scene_seed)

@@ -151,3 +151,23 @@ def test_ddim50_cfg_matches_stable_diffusion_pipeline(teacher_pipe_dir):
                                negative_prompt=negative, latents=nchw_to_nhwc(latents))
     assert images.shape == ref.shape
     assert float(np.mean(np.abs(np.asarray(images) - ref))) <= 1e-3
+
+
+def test_ddim_from_a_later_step_matches_the_diffusers_scheduler_loop(teacher_pipe_dir):
+    """start_step (SDEdit / img2img): what diffusers' img2img pipeline runs after noising, the scheduler's
+    timesteps[start_step:] with CFG, here driven by hand with the torch UNet and DDIMScheduler.step."""
+    from jaxlcd import pipeline as jp
+
+    prompts, steps, start, guidance = ["a red circle", "two blue squares"], 10, 4, 3.0
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(teacher_pipe_dir, safety_checker=None)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ctx, uncond = sd.encode_prompt(prompts, "cpu", 1, True, [""] * 2)
+        sd.scheduler.set_timesteps(steps)
+        z = latents
+        for t in sd.scheduler.timesteps[start:]:
+            out_c, out_u = sd.unet(torch.cat([z, z]), t, torch.cat([ctx, uncond])).sample.chunk(2)
+            z = sd.scheduler.step(out_u + guidance * (out_c - out_u), t, z).prev_sample
+    ours, _ = jp.sample_ddim(jp.load_pipeline(teacher_pipe_dir), prompts, num_steps=steps, guidance=guidance,
+                             latents=nchw_to_nhwc(latents), start_step=start)
+    assert rel_err(ours, nchw_to_nhwc(z)) <= LATENT_TOL
