@@ -37,6 +37,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.snr_gamma = 0.0              # min-SNR-gamma loss weighting (0: plain MSE; 5 is the paper's choice)
     c.p_uncond = 0.1               # caption dropout (classifier-free guidance)
     c.train_text_encoder = False   # True: the text encoder (from the CLIP) learns from the denoising loss too
+    c.text_lr_scale = 1.0          # ... at this multiple of learning_rate
     c.ema_decay = 0.998            # the exported UNet is the EMA (decay warmed up as in diffusers EMAModel)
     c.init_from = ""               # a unet/ (or pipeline) folder to continue from: fresh optimizer and schedule
     c.log_every = 50

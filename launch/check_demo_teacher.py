@@ -2,15 +2,17 @@
 progress check, for any pipeline folder), and optionally on its one-step denoising of real latents:
 
     python launch/check_demo_teacher.py jaxlcd/assets/demo/teacher [--guidance 1,3,7.5] [--prompts 64]
-        [--denoise 21,101,301] [--sdedit 101,301] [--scene-seed 777] [--vae OTHER_VAE_DIR]
+        [--denoise 21,101,301] [--sdedit 101,301] [--word-swap 301,601,901] [--scene-seed 777] [--vae OTHER_VAE_DIR]
 
 Prints, per scale, scene accuracy (every attribute of the prompt right) and the accuracy of each attribute.
 ``--denoise T,...``: training-distribution scenes (of ``--scene-seed``) are encoded, noised to each t and denoised in
 one step (the UNet's x0 prediction, no CFG); prints the x0 RMS error (scaled-latent units) and the judge on the
 decoded x0 (t = 0: the clean latents): where the teacher loses what its latents hold. ``--sdedit T,...``: the same
 scenes noised to the last DDIM-50 timestep <= T and sampled from there with DDIM at the first ``--guidance`` scale
-(SDEdit): whether the teacher keeps a scene it is shown half-way, as opposed to drawing it from noise. ``--vae``: decode with another vae/ folder that has the same
-encoder (a decoder-only phase), instead of the pipeline's.
+(SDEdit): whether the teacher keeps a scene it is shown half-way, as opposed to drawing it from noise.
+``--word-swap T,...``: how much a one-word change of the caption (shape / colour / size) moves the text encoder's
+states and the x0 error at each t: how much the teacher reads each word. ``--vae``: decode with another vae/ folder
+that has the same encoder (a decoder-only phase), instead of the pipeline's.
 """
 import argparse
 import dataclasses
@@ -52,6 +54,44 @@ def sdedit_check(pipe, ts, guidance: float, scene_seed: int, num_scenes: int = 1
               flush=True)
 
 
+def x0_prediction(pipe, z0, eps, t: int, ctx):
+    """The UNet's x0 [N,h,w,c] (no CFG) from z0 [N,h,w,c] noised with eps to timestep t, text states ctx [N,L,D]."""
+    alpha, sigma = jnp.sqrt(pipe.abar[t]), jnp.sqrt(1.0 - pipe.abar[t])
+    zt = alpha * z0 + sigma * eps
+    out = pipe.unet.apply({"params": pipe.unet_params}, zt, jnp.full((z0.shape[0],), t), ctx)
+    return schedule.to_x0_eps(out, zt, alpha, sigma, pipe.prediction_type)[0]
+
+
+def one_word_changed(scene, kind: str, rng: np.random.Generator):
+    """``scene`` with the first object's shape, size or colour (one not in the scene) changed."""
+    obj = scene.objects[0]
+    if kind == "colour":
+        free = [c for c in shapes.COLOURS if c != scene.background and all(c != o.colour for o in scene.objects)]
+        obj = dataclasses.replace(obj, colour=free[int(rng.integers(len(free)))])
+    else:
+        vocab = shapes.SHAPES if kind == "shape" else shapes.SIZES
+        obj = dataclasses.replace(obj, **{kind: vocab[(vocab.index(getattr(obj, kind)) + 1) % len(vocab)]})
+    return dataclasses.replace(scene, objects=(obj,) + scene.objects[1:])
+
+
+def word_swap_check(pipe, ts, scene_seed: int, num_scenes: int = 128):
+    """How much the teacher reads each word: for captions with one shape / colour / size word changed, the RMS change
+    of the text encoder's states and the x0 RMS error (vs the clean latents) at each t, next to the true caption's."""
+    scenes = [shapes.sample_scene(scene_seed, i) for i in range(num_scenes)]
+    _, z0, eps = real_latents(pipe, scene_seed, num_scenes)
+    rng = np.random.default_rng(0)
+    ctx = {"true": encode_prompts(pipe, [shapes.caption(s, template=0) for s in scenes])}
+    for kind in ("shape", "colour", "size"):
+        ctx[kind] = encode_prompts(pipe, [shapes.caption(one_word_changed(s, kind, rng), template=0) for s in scenes])
+    rms = lambda a, b: float(jnp.sqrt(jnp.mean((a - b) ** 2)))
+    print("text states, RMS change for one word changed: " + ", ".join(
+        f"{k} {rms(c, ctx['true']):.3f}" for k, c in ctx.items() if k != "true"), flush=True)
+    for t in ts:
+        err = {k: rms(x0_prediction(pipe, z0, eps, t, c), z0) for k, c in ctx.items()}
+        print(f"x0 RMS error at t {t}, caption true / one word changed: {err['true']:.3f} / " + ", ".join(
+            f"{k} {v:.3f}" for k, v in err.items() if k != "true"), flush=True)
+
+
 def denoise_check(pipe, ts, scene_seed: int, num_scenes: int = 128):
     judge = judge_lib.load_judge(demo_path("judge"))
     prompts, z0, eps = real_latents(pipe, scene_seed, num_scenes)
@@ -60,12 +100,7 @@ def denoise_check(pipe, ts, scene_seed: int, num_scenes: int = 128):
         lambda u: pipe.vae.apply({"params": pipe.vae_params}, u, method=pipe.vae.decode), z,
         pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor or 0.0))
     for t in ts:
-        x0 = z0
-        if t > 0:
-            alpha, sigma = jnp.sqrt(pipe.abar[t]), jnp.sqrt(1.0 - pipe.abar[t])
-            zt = alpha * z0 + sigma * eps
-            out = pipe.unet.apply({"params": pipe.unet_params}, zt, jnp.full((num_scenes,), t), ctx)
-            x0, _ = schedule.to_x0_eps(out, zt, alpha, sigma, pipe.prediction_type)
+        x0 = x0_prediction(pipe, z0, eps, t, ctx) if t > 0 else z0
         scores = judge_scores(judge, decode(x0), prompts)
         print(f"denoise t {t}: x0 rms error {float(jnp.sqrt(jnp.mean((x0 - z0) ** 2))):.3f}, scene "
               f"{scores['judge_acc']:.3f}, shape {scores['judge_shape']:.3f}, colour {scores['judge_colour']:.3f}, "
@@ -78,6 +113,7 @@ parser.add_argument("--guidance", default="1,3,7.5", help="comma-separated CFG s
 parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (the first N of shapes.eval_prompts)")
 parser.add_argument("--denoise", default="", help="comma-separated timesteps for the one-step denoising check")
 parser.add_argument("--sdedit", default="", help="comma-separated timesteps to start DDIM from (SDEdit check)")
+parser.add_argument("--word-swap", default="", help="comma-separated timesteps for the one-word-changed check")
 parser.add_argument("--scene-seed", type=int, default=777,
                     help="shapes stream seed of the denoised scenes (the teacher trains on scenes 0.. of seed 0)")
 parser.add_argument("--vae", default="", help="decode with this vae/ folder (same encoder) instead")
@@ -94,5 +130,7 @@ for g in scales:
     print(f"CFG {g:g}: " + ", ".join(f"{k.removeprefix('ddim_judge_')} {v:.3f}" for k, v in scores.items()), flush=True)
 if args.denoise:
     denoise_check(pipe, [int(t) for t in args.denoise.split(",")], args.scene_seed)
+if args.word_swap:
+    word_swap_check(pipe, [int(t) for t in args.word_swap.split(",")], args.scene_seed)
 if args.sdedit:
     sdedit_check(pipe, [int(t) for t in args.sdedit.split(",")], scales[0] if scales else 1.0, args.scene_seed)

@@ -212,6 +212,24 @@ def test_teacher_ema_follows_the_diffusers_ema_model_warmup():
     assert float(ema_decay_at(100_000, 0.999)) == np.float32(0.999)
 
 
+def test_teacher_optimizer_scales_the_text_encoder_learning_rate():
+    import jax.numpy as jnp
+    from jaxlcd.train.teacher_train import teacher_optimizer
+
+    cfg = load_config("tiny", "demo_teacher.py")
+    cfg.train_text_encoder, cfg.text_lr_scale, cfg.warmup_steps = True, 10.0, 0
+    params = {"unet": {"w": jnp.ones(3)}, "text": {"w": jnp.ones(3)}}
+    grads = {"unet": {"w": jnp.full(3, 1e-3)}, "text": {"w": jnp.full(3, 1e-3)}}  # below the clipping norm
+    tx = teacher_optimizer(cfg)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["text"]["w"], 10.0 * updates["unet"]["w"], rtol=1e-6)
+    assert float(updates["unet"]["w"][0]) == pytest.approx(-cfg.learning_rate, rel=1e-3)  # Adam's first step: -lr
+    cfg.text_lr_scale = 1.0
+    tx = teacher_optimizer(cfg)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["text"]["w"], updates["unet"]["w"])
+
+
 def test_edge_error_prefers_a_sharp_edge_to_a_blurred_one():
     from jaxlcd.train.vae_train import edge_error
 

@@ -170,6 +170,18 @@ def judge_scores(judge, images, prompts: list[str]) -> dict:
             **{f"judge_{k}": v for k, v in per_attribute.items()}}
 
 
+def teacher_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW after global-norm clipping at 1, linear warmup then cosine decay to 0; with ``cfg.train_text_encoder``
+    the text encoder's learning rate is ``cfg.text_lr_scale`` x the UNet's (params {"unet", "text"})."""
+    schedule_fn = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps)
+    adamw = lambda scale: optax.adamw(lambda step: scale * schedule_fn(step), weight_decay=cfg.weight_decay)
+    if not cfg.train_text_encoder or cfg.text_lr_scale == 1.0:
+        return optax.chain(optax.clip_by_global_norm(1.0), adamw(1.0))
+    labels = lambda params: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in params.items()}
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.multi_transform({"unet": adamw(1.0), "text": adamw(cfg.text_lr_scale)}, labels))
+
+
 def train_teacher(cfg, workdir: str) -> dict:
     """Train (or resume) the teacher UNet; writes the pipeline folder ``<workdir>/teacher`` (EMA UNet weights)."""
     os.makedirs(workdir, exist_ok=True)
@@ -182,8 +194,7 @@ def train_teacher(cfg, workdir: str) -> dict:
     it = make_shapes_iterator(os.path.join(workdir, "data"), num_examples=cfg.num_examples, resolution=cfg.resolution,
                               seed=cfg.data_seed, tokenizer=pipe.tokenizer, batch_size_per_host=encode_batch)
     arrays = cache_moments(pipe, it, cfg.num_examples // encode_batch, os.path.join(workdir, "latents.npz"))
-    schedule_fn = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps, cfg.total_steps)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule_fn, weight_decay=cfg.weight_decay))
+    tx = teacher_optimizer(cfg)
     params = pipe.unet_params
     if cfg.get("init_from"):  # continue (fresh optimizer and schedule) from a saved unet/ or pipeline folder
         params = initial_unet_params(cfg.init_from, pipe.unet)
