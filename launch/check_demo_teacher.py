@@ -2,7 +2,8 @@
 progress check, for any pipeline folder), and optionally on its one-step denoising of real latents:
 
     python launch/check_demo_teacher.py jaxlcd/assets/demo/teacher [--guidance 1,3,7.5] [--prompts 64]
-        [--denoise 21,101,301] [--sdedit 101,301] [--word-swap 301,601,901] [--scene-seed 777] [--vae OTHER_VAE_DIR]
+        [--denoise 21,101,301] [--sdedit 101,301] [--word-swap 301,601,901]
+        [--override 401,801] [--scene-seed 777] [--vae OTHER_VAE_DIR]
 
 Prints, per scale, scene accuracy (every attribute of the prompt right) and the accuracy of each attribute.
 ``--denoise T,...``: training-distribution scenes (of ``--scene-seed``) are encoded, noised to each t and denoised in
@@ -11,11 +12,13 @@ decoded x0 (t = 0: the clean latents): where the teacher loses what its latents 
 scenes noised to the last DDIM-50 timestep <= T and sampled from there with DDIM at the first ``--guidance`` scale
 (SDEdit): whether the teacher keeps a scene it is shown half-way, as opposed to drawing it from noise.
 ``--word-swap T,...``: how much a one-word change of the caption (shape / colour / size) moves the text encoder's
-states and the x0 error at each t: how much the teacher reads each word. ``--vae``: decode with another vae/ folder
+states and the x0 error at each t: how much the teacher reads each word. ``--override T,...``: one-object scenes
+SDEdited from t with the object's shape (or colour) word changed: does the result follow the caption or the scene? ``--vae``: decode with another vae/ folder
 that has the same encoder (a decoder-only phase), instead of the pipeline's.
 """
 import argparse
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -30,28 +33,56 @@ from jaxlcd.train.teacher_train import judge_scores, sample_check
 from jaxlcd.weights import load_component
 
 
-def real_latents(pipe, scene_seed: int, num_scenes: int):
+def real_latents(pipe, scenes):
     """(captions, scaled latents [N,h,w,c] of the rendered scenes, noise [N,h,w,c] of PRNGKey(0))."""
-    scenes = [shapes.sample_scene(scene_seed, i) for i in range(num_scenes)]
     x = np.stack([shapes.render(s) for s in scenes]).astype(np.float32) / 127.5 - 1.0
     moments = pipe.vae.apply({"params": pipe.vae_params}, x, method=pipe.vae.encode)
     z0 = vae_lib.scale_latents(vae_lib.latent_dist_mode(moments), pipe.vae.config)
     return [shapes.caption(s, template=0) for s in scenes], z0, jax.random.normal(jax.random.PRNGKey(0), z0.shape)
 
 
+def stream(scene_seed: int, n: int, single: bool = False):
+    """The first n scenes of the shapes stream ``scene_seed`` (with one object only, if ``single``)."""
+    scenes = (shapes.sample_scene(scene_seed, i) for i in itertools.count())
+    return list(itertools.islice((s for s in scenes if not single or len(s.objects) == 1), n))
+
+
+def sdedit_from(pipe, prompts, z0, eps, t: int, guidance: float):
+    """(DDIM-50 timestep k-th, images [N,H,W,3]): z0 noised to the last DDIM-50 timestep <= t, sampled from there."""
+    ddim_ts = schedule.ddim_timesteps(pipe.scheduler_config, 50)
+    k = int(np.argmax(ddim_ts <= t))
+    a = float(pipe.abar[ddim_ts[k]])
+    return int(ddim_ts[k]), sample_ddim(pipe, prompts, 50, guidance, latents=np.sqrt(a) * z0 + np.sqrt(1 - a) * eps,
+                                        start_step=k)[1]
+
+
 def sdedit_check(pipe, ts, guidance: float, scene_seed: int, num_scenes: int = 128):
     judge = judge_lib.load_judge(demo_path("judge"))
-    prompts, z0, eps = real_latents(pipe, scene_seed, num_scenes)
-    ddim_ts = schedule.ddim_timesteps(pipe.scheduler_config, 50)
+    prompts, z0, eps = real_latents(pipe, stream(scene_seed, num_scenes))
     for t in ts:
-        k = int(np.argmax(ddim_ts <= t))
-        a = float(pipe.abar[ddim_ts[k]])
-        _, images = sample_ddim(pipe, prompts, 50, guidance, latents=np.sqrt(a) * z0 + np.sqrt(1 - a) * eps,
-                                start_step=k)
+        t_k, images = sdedit_from(pipe, prompts, z0, eps, t, guidance)
         scores = judge_scores(judge, images, prompts)
-        print(f"sdedit from t {ddim_ts[k]} (CFG {guidance:g}): scene {scores['judge_acc']:.3f}, shape "
+        print(f"sdedit from t {t_k} (CFG {guidance:g}): scene {scores['judge_acc']:.3f}, shape "
               f"{scores['judge_shape']:.3f}, colour {scores['judge_colour']:.3f}, size {scores['judge_size']:.3f}",
               flush=True)
+
+
+def override_check(pipe, ts, guidance: float, scene_seed: int, num_scenes: int = 96):
+    """SDEdit of one-object scenes with the object's shape (or colour) word changed in the caption: the share of
+    results judged with the caption's word (the text wins) and with the scene's (the noisy latent wins)."""
+    judge = judge_lib.load_judge(demo_path("judge"))
+    scenes = stream(scene_seed, num_scenes, single=True)
+    _, z0, eps = real_latents(pipe, scenes)
+    rng = np.random.default_rng(0)
+    for kind in ("shape", "colour"):
+        changed = [one_word_changed(s, kind, rng) for s in scenes]
+        for t in ts:
+            t_k, images = sdedit_from(pipe, [shapes.caption(s, template=0) for s in changed], z0, eps, t, guidance)
+            got = [getattr(p.objects[0], kind) if len(p.objects) == 1 else None
+                   for p in judge_lib.predict(*judge, np.asarray(images, np.float32))[0]]
+            share = lambda ref: np.mean([g == getattr(r.objects[0], kind) for g, r in zip(got, ref)])
+            print(f"{kind} word changed, sdedit from t {t_k} (CFG {guidance:g}): judged as the caption's "
+                  f"{share(changed):.2f}, as the scene's {share(scenes):.2f}", flush=True)
 
 
 def x0_prediction(pipe, z0, eps, t: int, ctx):
@@ -77,8 +108,8 @@ def one_word_changed(scene, kind: str, rng: np.random.Generator):
 def word_swap_check(pipe, ts, scene_seed: int, num_scenes: int = 128):
     """How much the teacher reads each word: for captions with one shape / colour / size word changed, the RMS change
     of the text encoder's states and the x0 RMS error (vs the clean latents) at each t, next to the true caption's."""
-    scenes = [shapes.sample_scene(scene_seed, i) for i in range(num_scenes)]
-    _, z0, eps = real_latents(pipe, scene_seed, num_scenes)
+    scenes = stream(scene_seed, num_scenes)
+    _, z0, eps = real_latents(pipe, scenes)
     rng = np.random.default_rng(0)
     ctx = {"true": encode_prompts(pipe, [shapes.caption(s, template=0) for s in scenes])}
     for kind in ("shape", "colour", "size"):
@@ -94,7 +125,7 @@ def word_swap_check(pipe, ts, scene_seed: int, num_scenes: int = 128):
 
 def denoise_check(pipe, ts, scene_seed: int, num_scenes: int = 128):
     judge = judge_lib.load_judge(demo_path("judge"))
-    prompts, z0, eps = real_latents(pipe, scene_seed, num_scenes)
+    prompts, z0, eps = real_latents(pipe, stream(scene_seed, num_scenes))
     ctx = encode_prompts(pipe, prompts)
     decode = jax.jit(lambda z: samplers.decode_to_images(
         lambda u: pipe.vae.apply({"params": pipe.vae_params}, u, method=pipe.vae.decode), z,
@@ -113,6 +144,7 @@ parser.add_argument("--guidance", default="1,3,7.5", help="comma-separated CFG s
 parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (the first N of shapes.eval_prompts)")
 parser.add_argument("--denoise", default="", help="comma-separated timesteps for the one-step denoising check")
 parser.add_argument("--sdedit", default="", help="comma-separated timesteps to start DDIM from (SDEdit check)")
+parser.add_argument("--override", default="", help="comma-separated timesteps for the SDEdit one-word-changed check")
 parser.add_argument("--word-swap", default="", help="comma-separated timesteps for the one-word-changed check")
 parser.add_argument("--scene-seed", type=int, default=777,
                     help="shapes stream seed of the denoised scenes (the teacher trains on scenes 0.. of seed 0)")
@@ -132,5 +164,7 @@ if args.denoise:
     denoise_check(pipe, [int(t) for t in args.denoise.split(",")], args.scene_seed)
 if args.word_swap:
     word_swap_check(pipe, [int(t) for t in args.word_swap.split(",")], args.scene_seed)
+if args.override:
+    override_check(pipe, [int(t) for t in args.override.split(",")], scales[0] if scales else 1.0, args.scene_seed)
 if args.sdedit:
     sdedit_check(pipe, [int(t) for t in args.sdedit.split(",")], scales[0] if scales else 1.0, args.scene_seed)

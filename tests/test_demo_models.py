@@ -212,6 +212,17 @@ def test_teacher_ema_follows_the_diffusers_ema_model_warmup():
     assert float(ema_decay_at(100_000, 0.999)) == np.float32(0.999)
 
 
+def test_sample_timesteps_puts_the_focus_share_at_high_noise():
+    import jax
+    from jaxlcd.train.teacher_train import sample_timesteps
+
+    t = np.asarray(sample_timesteps(jax.random.PRNGKey(0), 100_000, 1000, focus_min=800, focus_fraction=0.5))
+    assert t.min() >= 0 and t.max() <= 999 and (t < 800).any()
+    assert np.mean(t >= 800) == pytest.approx(0.5 + 0.5 * 0.2, abs=0.01)  # the focus half plus uniform's own 20 %
+    t = np.asarray(sample_timesteps(jax.random.PRNGKey(1), 1000, 1000, focus_min=800, focus_fraction=1.0))
+    assert t.min() >= 800
+
+
 def test_teacher_optimizer_scales_the_text_encoder_learning_rate():
     import jax.numpy as jnp
     from jaxlcd.train.teacher_train import teacher_optimizer

@@ -104,12 +104,22 @@ def ema_decay_at(step, max_decay: float):
     return jnp.where(step > 0, jnp.minimum(max_decay, (1.0 + step) / (10.0 + step)), 0.0)
 
 
+def sample_timesteps(key, batch: int, num_train_timesteps: int, focus_min: int = 0, focus_fraction: float = 0.0):
+    """[batch] int32 timesteps: U{0..T-1}, except a ``focus_fraction`` share of the batch (in expectation) drawn from
+    U{focus_min..T-1}, to spend more of the training on the high-noise steps that decide a scene's content."""
+    k_u, k_f, k_pick = jax.random.split(key, 3)
+    uniform = jax.random.randint(k_u, (batch,), 0, num_train_timesteps)
+    focus = jax.random.randint(k_f, (batch,), focus_min, num_train_timesteps)
+    return jnp.where(jax.random.uniform(k_pick, (batch,)) < focus_fraction, focus, uniform)
+
+
 def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, snr_gamma: float = 0.0,
-                      train_text_encoder: bool = False):
+                      train_text_encoder: bool = False, t_focus: tuple[int, float] = (0, 0.0)):
     """``step(state {"step","params","ema","opt_state","rng"}, text params, batch {"moments","input_ids"})``:
     MSE of the UNet's epsilon / v prediction at t ~ U{0..T-1} (weighted by `min_snr_weight`), captions replaced by
     "" with prob ``p_uncond``; the EMA follows `ema_decay_at`. ``train_text_encoder``: the state's params (and EMA)
-    are {"unet", "text"} and the text encoder learns from the same loss (the frozen text params are then unused)."""
+    are {"unet", "text"} and the text encoder learns from the same loss (the frozen text params are then unused).
+    ``t_focus`` (min, fraction): `sample_timesteps`' high-noise share (fraction 0: plain U{0..T-1})."""
     abar = jnp.asarray(pipe.abar, jnp.float32)
 
     def loss_fn(params, text_params, batch, key):
@@ -120,7 +130,8 @@ def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, s
         b = z0.shape[0]
         drop = jax.random.uniform(k_drop, (b, 1)) < p_uncond
         ctx = pipe.text_encoder.apply({"params": text_params}, jnp.where(drop, uncond_ids, batch["input_ids"]))
-        t = jax.random.randint(k_t, (b,), 0, abar.shape[0])
+        t = sample_timesteps(k_t, b, abar.shape[0], *t_focus) if t_focus[1] else jax.random.randint(
+            k_t, (b,), 0, abar.shape[0])
         eps = jax.random.normal(k_eps, z0.shape, jnp.float32)
         alpha, sigma = jnp.sqrt(abar[t])[:, None, None, None], jnp.sqrt(1.0 - abar[t])[:, None, None, None]
         if not train_text_encoder:
@@ -209,7 +220,7 @@ def train_teacher(cfg, workdir: str) -> dict:
     uncond_ids = jnp.asarray(tokenize(pipe.tokenizer, [""])[0])
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     step_fn = make_teacher_step(pipe, tx, uncond_ids, cfg.p_uncond, cfg.ema_decay, cfg.snr_gamma,
-                                cfg.train_text_encoder)
+                                cfg.train_text_encoder, (cfg.t_focus_min, cfg.t_focus_fraction))
     split = lambda tree: (tree["unet"], tree["text"]) if cfg.train_text_encoder else (tree, None)
     judge_dir = demo_judge_dir(cfg.judge)
 
