@@ -13,8 +13,8 @@ scenes noised to the last DDIM-50 timestep <= T and sampled from there with DDIM
 (SDEdit): whether the teacher keeps a scene it is shown half-way, as opposed to drawing it from noise.
 ``--word-swap T,...``: how much a one-word change of the caption (shape / colour / size) moves the text encoder's
 states and the x0 error at each t: how much the teacher reads each word. ``--override T,...``: one-object scenes
-SDEdited from t with the object's shape (or colour) word changed: does the result follow the caption or the scene? ``--vae``: decode with another vae/ folder
-that has the same encoder (a decoder-only phase), instead of the pipeline's.
+SDEdited from t with the object's shape (or colour) word changed: does the result follow the caption or the scene?
+``--vae``: decode with another vae/ folder that has the same encoder (a decoder-only phase), instead of the pipeline's.
 """
 import argparse
 import dataclasses

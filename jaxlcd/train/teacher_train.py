@@ -106,7 +106,10 @@ def ema_decay_at(step, max_decay: float):
 
 def sample_timesteps(key, batch: int, num_train_timesteps: int, focus_min: int = 0, focus_fraction: float = 0.0):
     """[batch] int32 timesteps: U{0..T-1}, except a ``focus_fraction`` share of the batch (in expectation) drawn from
-    U{focus_min..T-1}, to spend more of the training on the high-noise steps that decide a scene's content."""
+    U{focus_min..T-1}, to spend more of the training on the high-noise steps that decide a scene's content.
+    ``focus_fraction`` 0 draws plain U{0..T-1} from ``key`` itself, keeping the random stream of plain training."""
+    if not focus_fraction:
+        return jax.random.randint(key, (batch,), 0, num_train_timesteps)
     k_u, k_f, k_pick = jax.random.split(key, 3)
     uniform = jax.random.randint(k_u, (batch,), 0, num_train_timesteps)
     focus = jax.random.randint(k_f, (batch,), focus_min, num_train_timesteps)
@@ -130,8 +133,7 @@ def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, s
         b = z0.shape[0]
         drop = jax.random.uniform(k_drop, (b, 1)) < p_uncond
         ctx = pipe.text_encoder.apply({"params": text_params}, jnp.where(drop, uncond_ids, batch["input_ids"]))
-        t = sample_timesteps(k_t, b, abar.shape[0], *t_focus) if t_focus[1] else jax.random.randint(
-            k_t, (b,), 0, abar.shape[0])
+        t = sample_timesteps(k_t, b, abar.shape[0], *t_focus)
         eps = jax.random.normal(k_eps, z0.shape, jnp.float32)
         alpha, sigma = jnp.sqrt(abar[t])[:, None, None, None], jnp.sqrt(1.0 - abar[t])[:, None, None, None]
         if not train_text_encoder:
