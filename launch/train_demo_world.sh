@@ -27,9 +27,10 @@ clip --workdir="$RUNS/clip" --config.init_from="$RUNS/clip2/clip" --config.hard_
     --config.total_steps=1500 --config.learning_rate=3e-4 --config.warmup_steps=50
 main --config=configs/demo_clip.py:scorer --workdir="$RUNS/scorer"
 # v-prediction, 10,000 steps, then 10,000 more from its EMA UNet at lr 5e-4 with the CLIP's text tower frozen (judge
-# 0.094 at CFG 3 on 128 held-out prompts, shape 0.18), then four stages that train the text encoder (from that text
-# tower) with the UNet, the last three at 10x the UNet's learning rate: the frozen tower hardly tells shapes apart.
-# Measured with launch/check_demo_teacher.py --guidance 3 --prompts 128 after each: 0.164 / 0.227 / 0.414 / 0.500
+# 0.094 at CFG 3 on 128 held-out prompts, shape 0.18), then five stages that train the text encoder (from that text
+# tower) with the UNet, the last four at 10x the UNet's learning rate: the frozen tower hardly tells shapes apart.
+# Measured with launch/check_demo_teacher.py --guidance 3 --prompts 128 after each: 0.164 / 0.227 / 0.414 / 0.500 /
+# 0.625
 teacher() { main --config=configs/demo_teacher.py --config.vae="$RUNS/vae/vae" --config.clip="$RUNS/clip/clip" \
     --config.judge="$RUNS/judge/judge" "$@"; }
 teacher --workdir="$RUNS/teacher1"
@@ -40,7 +41,9 @@ joint --workdir="$RUNS/teacher4" --config.init_from="$RUNS/teacher3/teacher" --c
     --config.text_lr_scale=10
 joint --workdir="$RUNS/teacher5" --config.init_from="$RUNS/teacher4/teacher" --config.total_steps=6000 \
     --config.text_lr_scale=10
-joint --workdir="$RUNS/teacher" --config.init_from="$RUNS/teacher5/teacher" --config.total_steps=6000 \
+joint --workdir="$RUNS/teacher6" --config.init_from="$RUNS/teacher5/teacher" --config.total_steps=6000 \
+    --config.text_lr_scale=10
+joint --workdir="$RUNS/teacher" --config.init_from="$RUNS/teacher6/teacher" --config.total_steps=6000 \
     --config.text_lr_scale=10
 main --config=configs/lrm_pretrain.py:demo --workdir="$RUNS/lrm" --config.teacher="$RUNS/teacher/teacher"
 python - "$RUNS" <<'PY'
