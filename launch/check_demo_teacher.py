@@ -3,7 +3,7 @@ progress check, for any pipeline folder), and optionally on its one-step denoisi
 
     python launch/check_demo_teacher.py jaxlcd/assets/demo/teacher [--guidance 1,3,7.5] [--prompts 64]
         [--denoise 21,101,301] [--sdedit 101,301] [--word-swap 301,601,901]
-        [--override 401,801] [--scene-seed 777] [--vae OTHER_VAE_DIR]
+        [--override 401,801] [--train-prompts 64] [--scene-seed 777] [--vae OTHER_VAE_DIR]
 
 Prints, per scale, scene accuracy (every attribute of the prompt right) and the accuracy of each attribute.
 ``--denoise T,...``: training-distribution scenes (of ``--scene-seed``) are encoded, noised to each t and denoised in
@@ -14,6 +14,8 @@ scenes noised to the last DDIM-50 timestep <= T and sampled from there with DDIM
 ``--word-swap T,...``: how much a one-word change of the caption (shape / colour / size) moves the text encoder's
 states and the x0 error at each t: how much the teacher reads each word. ``--override T,...``: one-object scenes
 SDEdited from t with the object's shape (or colour) word changed: does the result follow the caption or the scene?
+``--train-prompts N``: the same sampling on the captions of N training-distribution scenes (of ``--scene-seed``;
+seen (shape, colour) pairs only), with the shapes drawn instead of each true one: the compositional gap.
 ``--vae``: decode with another vae/ folder that has the same encoder (a decoder-only phase), instead of the pipeline's.
 """
 import argparse
@@ -65,6 +67,23 @@ def sdedit_check(pipe, ts, guidance: float, scene_seed: int, num_scenes: int = 1
         print(f"sdedit from t {t_k} (CFG {guidance:g}): scene {scores['judge_acc']:.3f}, shape "
               f"{scores['judge_shape']:.3f}, colour {scores['judge_colour']:.3f}, size {scores['judge_size']:.3f}",
               flush=True)
+
+
+def train_prompt_check(pipe, n: int, guidance: float, scene_seed: int):
+    prompts = [shapes.caption(s, template=0) for s in stream(scene_seed, n)]
+    z = jax.random.normal(jax.random.PRNGKey(0), (n,) + pipe.latent_shape)
+    images = sample_ddim(pipe, prompts, 50, guidance, latents=z)[1]
+    judge = judge_lib.load_judge(demo_path("judge"))
+    scores = judge_scores(judge, images, prompts)
+    print(f"training-distribution prompts (CFG {guidance:g}): scene {scores['judge_acc']:.3f}, shape "
+          f"{scores['judge_shape']:.3f}", flush=True)
+    drawn = {}
+    for prompt, got in zip(prompts, judge_lib.predict(*judge, np.asarray(images, np.float32))[0]):
+        for i, obj in enumerate(shapes.parse_caption(prompt).normalized().objects):
+            objects = got.normalized().objects
+            drawn.setdefault(obj.shape, []).append(objects[i].shape if i < len(objects) else "none")
+    for shape, got in sorted(drawn.items()):
+        print(f"  {shape}: " + ", ".join(f"{g} {got.count(g)}" for g in sorted(set(got), key=got.count, reverse=True)))
 
 
 def override_check(pipe, ts, guidance: float, scene_seed: int, num_scenes: int = 96):
@@ -146,6 +165,7 @@ parser.add_argument("--denoise", default="", help="comma-separated timesteps for
 parser.add_argument("--sdedit", default="", help="comma-separated timesteps to start DDIM from (SDEdit check)")
 parser.add_argument("--override", default="", help="comma-separated timesteps for the SDEdit one-word-changed check")
 parser.add_argument("--word-swap", default="", help="comma-separated timesteps for the one-word-changed check")
+parser.add_argument("--train-prompts", type=int, default=0, help="also sample N training-distribution captions")
 parser.add_argument("--scene-seed", type=int, default=777,
                     help="shapes stream seed of the denoised scenes (the teacher trains on scenes 0.. of seed 0)")
 parser.add_argument("--vae", default="", help="decode with this vae/ folder (same encoder) instead")
@@ -160,6 +180,8 @@ scales = [float(x) for x in args.guidance.split(",") if x]
 for g in scales:
     scores = sample_check(pipe, pipe.unet_params, demo_path("judge"), args.prompts, guidance=g)
     print(f"CFG {g:g}: " + ", ".join(f"{k.removeprefix('ddim_judge_')} {v:.3f}" for k, v in scores.items()), flush=True)
+if args.train_prompts:
+    train_prompt_check(pipe, args.train_prompts, scales[0] if scales else 3.0, args.scene_seed)
 if args.denoise:
     denoise_check(pipe, [int(t) for t in args.denoise.split(",")], args.scene_seed)
 if args.word_swap:
