@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlcd import eval_metrics
 from jaxlcd.data import shapes
 from jaxlcd.demo import demo_path
 from jaxlcd.diffusion import samplers, schedule
@@ -70,17 +71,18 @@ def sdedit_check(pipe, ts, guidance: float, scene_seed: int, num_scenes: int = 1
 
 
 def train_prompt_check(pipe, n: int, guidance: float, scene_seed: int):
+    """DDIM-50 at ``guidance`` on the captions of n training-distribution scenes: prints the judge's scene and shape
+    accuracy and, per true shape, the shapes it read in the samples."""
     prompts = [shapes.caption(s, template=0) for s in stream(scene_seed, n)]
     z = jax.random.normal(jax.random.PRNGKey(0), (n,) + pipe.latent_shape)
     images = sample_ddim(pipe, prompts, 50, guidance, latents=z)[1]
-    judge = judge_lib.load_judge(demo_path("judge"))
-    scores = judge_scores(judge, images, prompts)
-    print(f"training-distribution prompts (CFG {guidance:g}): scene {scores['judge_acc']:.3f}, shape "
-          f"{scores['judge_shape']:.3f}", flush=True)
+    predicted, _ = judge_lib.predict(*judge_lib.load_judge(demo_path("judge")), np.asarray(images, np.float32))
+    print(f"training-distribution prompts (CFG {guidance:g}): scene {eval_metrics.scene_accuracy(predicted, prompts):.3f}"
+          f", shape {eval_metrics.attribute_accuracy(predicted, prompts)['shape']:.3f}", flush=True)
     drawn = {}
-    for prompt, got in zip(prompts, judge_lib.predict(*judge, np.asarray(images, np.float32))[0]):
+    for prompt, got in zip(prompts, predicted):
+        objects = got.normalized().objects
         for i, obj in enumerate(shapes.parse_caption(prompt).normalized().objects):
-            objects = got.normalized().objects
             drawn.setdefault(obj.shape, []).append(objects[i].shape if i < len(objects) else "none")
     for shape, got in sorted(drawn.items()):
         print(f"  {shape}: " + ", ".join(f"{g} {got.count(g)}" for g in sorted(set(got), key=got.count, reverse=True)))
@@ -167,7 +169,7 @@ parser.add_argument("--override", default="", help="comma-separated timesteps fo
 parser.add_argument("--word-swap", default="", help="comma-separated timesteps for the one-word-changed check")
 parser.add_argument("--train-prompts", type=int, default=0, help="also sample N training-distribution captions")
 parser.add_argument("--scene-seed", type=int, default=777,
-                    help="shapes stream seed of the denoised scenes (the teacher trains on scenes 0.. of seed 0)")
+                    help="shapes stream seed of the checked scenes (the shipped teacher trained on seeds 0 and 1)")
 parser.add_argument("--vae", default="", help="decode with this vae/ folder (same encoder) instead")
 args = parser.parse_args()
 pipe = load_pipeline(args.teacher)
