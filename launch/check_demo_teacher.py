@@ -6,7 +6,7 @@ progress check, for any pipeline folder), and optionally on its one-step denoisi
         [--override 401,801] [--train-prompts 64] [--scene-seed 777] [--vae OTHER_VAE_DIR]
 
 Prints, per scale, scene accuracy (every attribute of the prompt right) with its 95 % Wilson interval (at 128 prompts
-and accuracy 0.73 it is about +-0.08: compare teachers on 256+ prompts), and the accuracy of each attribute.
+and accuracy 0.73 it is about +-0.08: compare teachers on 512 prompts), and the accuracy of each attribute.
 ``--denoise T,...``: training-distribution scenes (of ``--scene-seed``) are encoded, noised to each t and denoised in
 one step (the UNet's x0 prediction, no CFG); prints the x0 RMS error (scaled-latent units) and the judge on the
 decoded x0 (t = 0: the clean latents): where the teacher loses what its latents hold. ``--sdedit T,...``: the same
@@ -176,7 +176,7 @@ parser.add_argument("--override", default="", help="comma-separated timesteps fo
 parser.add_argument("--word-swap", default="", help="comma-separated timesteps for the one-word-changed check")
 parser.add_argument("--train-prompts", type=int, default=0, help="also sample N training-distribution captions")
 parser.add_argument("--scene-seed", type=int, default=777,
-                    help="shapes stream seed of the checked scenes (the shipped teacher trained on seeds 0 and 1)")
+                    help="shapes stream seed of the checked scenes (the shipped teacher trained on seeds 0, 1, 3)")
 parser.add_argument("--vae", default="", help="decode with this vae/ folder (same encoder) instead")
 args = parser.parse_args()
 pipe = load_pipeline(args.teacher)
