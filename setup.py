@@ -37,6 +37,7 @@ setup(
             "torch>=2.5,<2.15",
             "diffusers>=0.40,<0.43",
             "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",  # pytest.ini runs two workers
             "ftfy>=6,<7",
             "regex",
         ],

@@ -50,3 +50,14 @@ def nhwc_to_nchw(a) -> torch.Tensor:
 def _torch_threads():
     torch.set_num_threads(2)
     torch.manual_seed(0)
+
+
+# Files that take longest on a cold compile cache, longest first: pytest-xdist hands whole files to its two workers
+# in collection order, so starting with these keeps one worker from getting a long file at the end.
+SLOWEST_FILES = ("test_train.py", "test_demo_run.py", "test_train_sharded.py", "test_reward_step.py",
+                 "test_demo_models.py", "test_rewards.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept

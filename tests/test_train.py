@@ -1,69 +1,26 @@
-"""The tiny trainer end to end: train, checkpoint, crash + resume, SIGTERM, NaN stop, export, sharded step."""
-import json
+"""The tiny trainer end to end: train, checkpoint, crash + resume, SIGTERM, NaN stop, export.
+
+The sharded step is in test_train_sharded.py."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import diffusers
-import jax
 import ml_collections
 import numpy as np
 import pytest
 import torch
-from jax.sharding import PartitionSpec as P
 
-from conftest import load_config
-from jaxlcd import parallel
-from jaxlcd import data as data_lib
+from conftest import REPO, load_config
 from jaxlcd.export import main as export_main
-from jaxlcd.train import checkpoint, loop, setup, tiny
-from jaxlcd.train.step import make_train_step
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "rglcd.py")
-STEPS = 4
-
-
-def get_config(variant="tiny"):
-    return load_config(variant)
+from jaxlcd.train import checkpoint, loop, setup
+from tiny_run import STEPS, cli, losses, make_inputs, tiny_config
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A tiny random teacher folder and a tiny image-caption folder shared by every run here."""
-    root = tmp_path_factory.mktemp("inputs")
-    teacher = tiny.write_teacher_folder(str(root / "teacher"))
-    data_lib.write_tiny_folder(str(root / "data"), n=24, resolution=64, seed=0)
-    return teacher, str(root / "data")
-
-
-def tiny_config(inputs, **overrides):
-    cfg = get_config("tiny")
-    cfg.teacher, cfg.data_dir = inputs
-    cfg.total_steps, cfg.checkpoint_every, cfg.log_every, cfg.per_device_batch = STEPS, 2, 1, 1
-    cfg.sample_lcm_steps = (1,)  # the grids' other step counts only cost compile time here
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
-
-
-def cli(inputs, workdir, *extra):
-    return [sys.executable, "-m", "jaxlcd.main", f"--config={CONFIG}:tiny", f"--workdir={workdir}",
-            f"--config.teacher={inputs[0]}", f"--config.data_dir={inputs[1]}", f"--config.total_steps={STEPS}",
-            "--config.checkpoint_every=2", "--config.log_every=1", "--config.per_device_batch=1",
-            "--config.sample_lcm_steps=(1,)", *extra]
-
-
-def losses(workdir):
-    """step -> loss, the last record of each step winning (a resumed run re-logs the replayed steps)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+    return make_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 @pytest.fixture(scope="module")
@@ -164,31 +121,3 @@ def test_every_config_field_can_be_overridden_from_the_command_line(file):
 
     for variant in ("tiny", "demo"):
         assert list(lists(load_config(variant, file))) == [], variant
-
-
-def test_sharded_step_matches_single_device(inputs):
-    assert jax.device_count() == 8
-    cfg = tiny_config(inputs)
-    teacher = inputs[0]
-    losses_by_mesh, runs = {}, {}
-    prepared = data_lib.prepare_folder_dataset(inputs[1], os.path.join(os.path.dirname(teacher), "prepared"))
-    for name, mesh in [("2x4", parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})),
-                       ("1", parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]))]:
-        run = setup.build_run(cfg, teacher, mesh)
-        it = data_lib.make_train_iterator(os.path.join(os.path.dirname(teacher), "prepared"),
-                                          tokenizer=run.pipe.tokenizer, resolution=64, batch_size_per_host=8, seed=0)
-        batch = parallel.global_batch({k: v for k, v in next(it).items() if k != "caption"}, mesh)
-        step = jax.jit(make_train_step(run.models, cfg.lcd, run.tx, run.abar),
-                       in_shardings=(run.state_shardings, run.frozen_shardings, parallel.batch_sharding(mesh)),
-                       out_shardings=(run.state_shardings, parallel.replicated(mesh)))
-        new_state, metrics = step(run.state, run.frozen, batch)
-        losses_by_mesh[name], runs[name] = float(metrics["loss"]), (run, new_state)
-    assert prepared["count"] == 24
-    assert losses_by_mesh["2x4"] == pytest.approx(losses_by_mesh["1"], rel=1e-5)
-    run, state = runs["2x4"]
-    kernel = ("up_blocks_0.resnets_0", "conv1", "kernel")  # [3, 3, 128, 64]
-    get = lambda tree: tree[kernel[0]][kernel[1]][kernel[2]]
-    assert get(state.params).sharding.spec == P(None, None, "fsdp")
-    assert get(state.target_params).sharding.spec == P(None, None, "fsdp")
-    assert get(state.opt_state[1].inner_state[0].mu).sharding.spec == P(None, None, "fsdp")
-    assert state.params["conv_in"]["bias"].sharding.spec == P()
