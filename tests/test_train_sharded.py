@@ -1,7 +1,5 @@
 """The tiny train step on a 2x4 (data x fsdp) mesh of 8 simulated devices against one device (own file so that
 pytest-xdist can run it beside test_train.py)."""
-import os
-
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -17,14 +15,14 @@ def test_sharded_step_matches_single_device(tmp_path):
     inputs = make_inputs(tmp_path)
     assert jax.device_count() == 8
     cfg = tiny_config(inputs)
-    teacher = inputs[0]
+    teacher, prepared_dir = inputs[0], str(tmp_path / "prepared")
     losses_by_mesh, runs = {}, {}
-    prepared = data_lib.prepare_folder_dataset(inputs[1], os.path.join(os.path.dirname(teacher), "prepared"))
+    prepared = data_lib.prepare_folder_dataset(inputs[1], prepared_dir)
     for name, mesh in [("2x4", parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})),
                        ("1", parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1]))]:
         run = setup.build_run(cfg, teacher, mesh)
-        it = data_lib.make_train_iterator(os.path.join(os.path.dirname(teacher), "prepared"),
-                                          tokenizer=run.pipe.tokenizer, resolution=64, batch_size_per_host=8, seed=0)
+        it = data_lib.make_train_iterator(prepared_dir, tokenizer=run.pipe.tokenizer, resolution=64,
+                                          batch_size_per_host=8, seed=0)
         batch = parallel.global_batch({k: v for k, v in next(it).items() if k != "caption"}, mesh)
         step = jax.jit(make_train_step(run.models, cfg.lcd, run.tx, run.abar),
                        in_shardings=(run.state_shardings, run.frozen_shardings, parallel.batch_sharding(mesh)),
