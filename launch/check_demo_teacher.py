@@ -176,7 +176,7 @@ parser.add_argument("--override", default="", help="comma-separated timesteps fo
 parser.add_argument("--word-swap", default="", help="comma-separated timesteps for the one-word-changed check")
 parser.add_argument("--train-prompts", type=int, default=0, help="also sample N training-distribution captions")
 parser.add_argument("--scene-seed", type=int, default=777,
-                    help="shapes stream seed of the checked scenes (the shipped teacher trained on seeds 0, 1, 3, 4)")
+                    help="shapes stream seed of the checked scenes (the shipped teacher trained on seeds 0, 1, 3-5, 7)")
 parser.add_argument("--vae", default="", help="decode with this vae/ folder (same encoder) instead")
 args = parser.parse_args()
 pipe = load_pipeline(args.teacher)

@@ -27,12 +27,13 @@ clip --workdir="$RUNS/clip" --config.init_from="$RUNS/clip2/clip" --config.hard_
     --config.total_steps=1500 --config.learning_rate=3e-4 --config.warmup_steps=50
 main --config=configs/demo_clip.py:scorer --workdir="$RUNS/scorer"
 # v-prediction, 10,000 steps, then 10,000 more from its EMA UNet at lr 5e-4 with the CLIP's text tower frozen (judge
-# 0.094 at CFG 3 on 128 held-out prompts, shape 0.18), then eight stages that train the text encoder (from that text
-# tower) with the UNet, the last seven at 10x the UNet's learning rate: the frozen tower hardly tells shapes apart.
-# The last three stages draw new scenes (60,000 of data_seed 1, then 120,000 of data_seed 3 and 60,000 of data_seed 4
-# at lr 3e-4) instead of the 20,000 of seed 0 that the others cycle through.
-# Measured with launch/check_demo_teacher.py --guidance 3 --prompts 128 after each but the last: 0.164 / 0.227 /
-# 0.414 / 0.500 / 0.625 / 0.734 / 0.750; with --prompts 512, the last three: 0.670 / 0.734 / 0.779.
+# 0.094 at CFG 3 on 128 held-out prompts, shape 0.18), then ten stages that train the text encoder (from that text
+# tower) with the UNet, the last nine at 10x the UNet's learning rate: the frozen tower hardly tells shapes apart.
+# The last five stages draw new scenes (60,000 of data_seed 1, then 120,000 of data_seed 3 and 60,000 each of
+# data_seeds 4, 5 and 7 at lr 3e-4) instead of the 20,000 of seed 0 that the others cycle through.
+# Measured with launch/check_demo_teacher.py --guidance 3 --prompts 128 after teacher3-teacher9: 0.164 / 0.227 /
+# 0.414 / 0.500 / 0.625 / 0.734 / 0.750; with --prompts 512, teacher8 to the last: 0.670 / 0.734 / 0.779 / 0.795 /
+# 0.807.
 teacher() { main --config=configs/demo_teacher.py --config.vae="$RUNS/vae/vae" --config.clip="$RUNS/clip/clip" \
     --config.judge="$RUNS/judge/judge" "$@"; }
 teacher --workdir="$RUNS/teacher1"
@@ -51,9 +52,14 @@ joint --workdir="$RUNS/teacher8" --config.init_from="$RUNS/teacher7/teacher" --c
     --config.text_lr_scale=10 --config.num_examples=60000 --config.data_seed=1
 joint --workdir="$RUNS/teacher9" --config.init_from="$RUNS/teacher8/teacher" --config.total_steps=6000 \
     --config.text_lr_scale=10 --config.learning_rate=3e-4 --config.num_examples=120000 --config.data_seed=3
-joint --workdir="$RUNS/teacher" --config.init_from="$RUNS/teacher9/teacher" --config.total_steps=4000 \
+joint --workdir="$RUNS/teacher10" --config.init_from="$RUNS/teacher9/teacher" --config.total_steps=4000 \
     --config.text_lr_scale=10 --config.learning_rate=3e-4 --config.num_examples=60000 --config.data_seed=4 \
     --config.checkpoint_every=2000
+# teacher11 was run from the float16 shipped copy of teacher10, and it and the last stage with the shipped VAE and CLIP.
+joint --workdir="$RUNS/teacher11" --config.init_from="$RUNS/teacher10/teacher" --config.total_steps=4000 \
+    --config.text_lr_scale=10 --config.learning_rate=3e-4 --config.num_examples=60000 --config.data_seed=5
+joint --workdir="$RUNS/teacher" --config.init_from="$RUNS/teacher11/teacher" --config.total_steps=4000 \
+    --config.text_lr_scale=10 --config.learning_rate=3e-4 --config.num_examples=60000 --config.data_seed=7
 main --config=configs/lrm_pretrain.py:demo --workdir="$RUNS/lrm" --config.teacher="$RUNS/teacher/teacher"
 python - "$RUNS" <<'PY'
 import sys
