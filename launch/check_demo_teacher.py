@@ -1,7 +1,7 @@
 """The demo judge on a teacher's DDIM-50 samples of held-out prompts, at several CFG scales (the teacher trainer's
 progress check, for any pipeline folder), and optionally on its one-step denoising of real latents:
 
-    python launch/check_demo_teacher.py jaxlcd/assets/demo/teacher [--guidance 1,3,7.5] [--prompts 64]
+    python launch/check_demo_teacher.py jaxlcd/assets/demo/teacher [--guidance 1,3,7.5] [--prompts 64] [--prompt-seed 1]
         [--denoise 21,101,301] [--sdedit 101,301] [--word-swap 301,601,901]
         [--override 401,801] [--train-prompts 64] [--scene-seed 777] [--vae OTHER_VAE_DIR]
 
@@ -170,6 +170,8 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("teacher", help="a StableDiffusionPipeline folder")
 parser.add_argument("--guidance", default="1,3,7.5", help="comma-separated CFG scales ('' for none)")
 parser.add_argument("--prompts", type=int, default=64, help="held-out prompts (the first N of shapes.eval_prompts)")
+parser.add_argument("--prompt-seed", type=int, default=0,
+                    help="seed of the held-out prompt set (0: the one the trainer checks and teachers were chosen on)")
 parser.add_argument("--denoise", default="", help="comma-separated timesteps for the one-step denoising check")
 parser.add_argument("--sdedit", default="", help="comma-separated timesteps to start DDIM from (SDEdit check)")
 parser.add_argument("--override", default="", help="comma-separated timesteps for the SDEdit one-word-changed check")
@@ -187,7 +189,8 @@ if args.vae:
     pipe = dataclasses.replace(pipe, vae=vae, vae_params=vae_params)
 scales = [float(x) for x in args.guidance.split(",") if x]
 for g in scales:
-    scores = sample_check(pipe, pipe.unet_params, demo_path("judge"), args.prompts, guidance=g)
+    scores = sample_check(pipe, pipe.unet_params, demo_path("judge"), args.prompts, guidance=g,
+                          prompt_seed=args.prompt_seed)
     low, high = wilson_interval(scores["ddim_judge_acc"], args.prompts)
     print(f"CFG {g:g}: " + ", ".join(f"{k.removeprefix('ddim_judge_')} {v:.3f}" for k, v in scores.items())
           + f" (scene acc 95 % interval {low:.3f}-{high:.3f})", flush=True)

@@ -157,14 +157,15 @@ def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, s
 
 
 def sample_check(pipe, unet_params, judge_dir: str, num_prompts: int = 64, steps: int = 50,
-                 guidance: float = 7.5, seed: int = 0, text_params=None) -> dict:
+                 guidance: float = 7.5, seed: int = 0, text_params=None, prompt_seed: int = 0) -> dict:
     """The judge (folder ``judge_dir``) on DDIM-``steps`` samples (CFG ``guidance``, latent seed ``seed``) of
-    ``pipe`` with ``unet_params``, for the first ``num_prompts`` held-out prompts: {"ddim_judge_acc" (all
+    ``pipe`` with ``unet_params``, for the first ``num_prompts`` held-out prompts of ``shapes.eval_prompts(.,
+    prompt_seed)``: {"ddim_judge_acc" (all
     attributes right), "ddim_judge_<attribute>" for each key of `eval_metrics.attribute_accuracy`}, floats.
     ``text_params``: the text encoder's, instead of the pipeline's."""
     from jaxlcd.models import judge as judge_lib
 
-    prompts = shapes.eval_prompts(num_prompts)
+    prompts = shapes.eval_prompts(num_prompts, prompt_seed)
     pipe = dataclasses.replace(pipe, unet_params=unet_params, text_params=pipe.text_params if text_params is None
                                else text_params)
     z = jax.random.normal(jax.random.PRNGKey(seed), (num_prompts,) + pipe.latent_shape)
