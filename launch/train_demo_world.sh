@@ -33,7 +33,7 @@ main --config=configs/demo_clip.py:scorer --workdir="$RUNS/scorer"
 # data_seeds 4, 5 and 7 at lr 3e-4) instead of the 20,000 of seed 0 that the others cycle through.
 # Measured with launch/check_demo_teacher.py --guidance 3 --prompts 128 after teacher3-teacher9: 0.164 / 0.227 /
 # 0.414 / 0.500 / 0.625 / 0.734 / 0.750; with --prompts 512, teacher8 to the last: 0.670 / 0.734 / 0.779 / 0.795 /
-# 0.807.
+# 0.807; the shipped float16 copy of the last: 0.807 on --prompts 1024 --prompt-seed 1, 0.794 on --prompts 1024.
 teacher() { main --config=configs/demo_teacher.py --config.vae="$RUNS/vae/vae" --config.clip="$RUNS/clip/clip" \
     --config.judge="$RUNS/judge/judge" "$@"; }
 teacher --workdir="$RUNS/teacher1"
