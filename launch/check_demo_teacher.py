@@ -1,8 +1,8 @@
 """The demo judge on a teacher's DDIM-50 samples of held-out prompts, at several CFG scales (the teacher trainer's
 progress check, for any pipeline folder), and optionally on its one-step denoising of real latents:
 
-    python launch/check_demo_teacher.py jaxlcd/assets/demo/teacher [--guidance 1,3,7.5] [--prompts 64] [--prompt-seed 1]
-        [--denoise 21,101,301] [--sdedit 101,301] [--word-swap 301,601,901]
+    python launch/check_demo_teacher.py jaxlcd/assets/demo/teacher [--guidance 1,3,7.5] [--prompts 64]
+        [--prompt-seed 1] [--denoise 21,101,301] [--sdedit 101,301] [--word-swap 301,601,901]
         [--override 401,801] [--train-prompts 64] [--scene-seed 777] [--vae OTHER_VAE_DIR]
 
 Prints, per scale, scene accuracy (every attribute of the prompt right) with its 95 % Wilson interval (at 128 prompts

@@ -160,8 +160,8 @@ def sample_check(pipe, unet_params, judge_dir: str, num_prompts: int = 64, steps
                  guidance: float = 7.5, seed: int = 0, text_params=None, prompt_seed: int = 0) -> dict:
     """The judge (folder ``judge_dir``) on DDIM-``steps`` samples (CFG ``guidance``, latent seed ``seed``) of
     ``pipe`` with ``unet_params``, for the first ``num_prompts`` held-out prompts of ``shapes.eval_prompts(.,
-    prompt_seed)``: {"ddim_judge_acc" (all
-    attributes right), "ddim_judge_<attribute>" for each key of `eval_metrics.attribute_accuracy`}, floats.
+    prompt_seed)``: {"ddim_judge_acc" (all attributes right), "ddim_judge_<attribute>" for each key of
+    `eval_metrics.attribute_accuracy`}, floats.
     ``text_params``: the text encoder's, instead of the pipeline's."""
     from jaxlcd.models import judge as judge_lib
 
