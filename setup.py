@@ -8,7 +8,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["jaxlcd", "jaxlcd.*"]),
-    package_data={"jaxlcd": ["assets/*", "assets/demo/*/*", "assets/demo/*/*/*"]},  # + the demo world's models
+    package_data={"jaxlcd": ["assets/*", "assets/demo/*/*", "assets/demo/*/*/*",  # + the demo world's models
+                            "configs/*.py", "configs/demo/*.py"]},  # configs usable from any directory
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10,<0.13",

@@ -8,7 +8,7 @@ Needs libtpu (`pip install "jax[tpu]"`), best in a separate venv so the main one
     python benchmarks/aot_tpu.py --small                     # quarter-width models at 256 px: minutes
     nohup python benchmarks/aot_tpu.py --per-chip-batch 2 8 --out /tmp/aot_tpu.json > /tmp/aot_tpu.log 2>&1 &
 
-What it compiles: `jaxlcd.train.step.make_train_step` with full-size SD 2.1-base models built from their
+What it compiles: `jaxlcd.distill.step.make_train_step` with full-size SD 2.1-base models built from their
 configs (student UNet = teacher + time_cond_proj_dim 256, remat on; teacher UNet; SD VAE encoder; OpenCLIP-H
 text encoder), bfloat16 compute, float32 student/EMA/AdamW state, 512 px pixels + token ids as the batch.
 No weights are read or created: params, state and batch are abstract `ShapeDtypeStruct`s with shardings
@@ -134,7 +134,7 @@ def build_models(small: bool, remat: bool, dtype=jnp.bfloat16, reward: str = "no
     """(StepModels, abstract student params f32, abstract frozen tree in ``dtype``, abar, sizes)."""
     from jaxlcd.diffusion import schedule
     from jaxlcd.models import clip_text, unet, vae
-    from jaxlcd.train.step import StepModels
+    from jaxlcd.distill.step import StepModels
 
     ucfg, vcfg, tcfg = (SMALL_UNET, SMALL_VAE, SMALL_TEXT) if small else (SD21_BASE_UNET, SD_VAE, SD2_TEXT)
     w_dim = 256
@@ -193,8 +193,8 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxlcd import parallel
-    from jaxlcd.train.state import create_state, make_optimizer
-    from jaxlcd.train.step import make_train_step
+    from jaxlcd.distill.state import create_state, make_optimizer
+    from jaxlcd.distill.step import make_train_step
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
     import rglcd  # configs/rglcd.py

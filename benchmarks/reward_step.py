@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/reward_step.py [--configs tiny mid] [--steps 5]
 
-tiny: `jaxlcd.train.tiny` teacher (64 px, batch 2), tiny random CLIP reward (`tiny.TINY_CLIP`, 32 px input) and a
+tiny: `jaxlcd.tiny` teacher (64 px, batch 2), tiny random CLIP reward (`tiny.TINY_CLIP`, 32 px input) and a
 tiny latent_vit LRM. mid: benchmarks/train_step.py's mid teacher (74 M-param UNet, SD VAE, 256 px, batch 2), a
 ViT-B/16-shaped CLIP reward with 4 layers per tower at 224 px, and a latent_vit LRM (width 256, 4 layers, patch 4
 on 32 x 32 latents) with the same text tower shape. float32 compute, one device. Each row compiles its own step
@@ -44,8 +44,8 @@ def mid_lrm(latent: int) -> dict:
 def time_step(cfg, teacher: str, steps: int) -> dict:
     from jaxlcd import parallel
     from jaxlcd.pipeline import load_tokenizer, tokenize
-    from jaxlcd.train import loop, setup
-    from jaxlcd.train.step import make_train_step
+    from jaxlcd.distill import job as loop, setup
+    from jaxlcd.distill.step import make_train_step
 
     mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     run = setup.build_run(cfg, teacher, mesh)
@@ -75,7 +75,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     from jaxlcd.models import clip, lrm
-    from jaxlcd.train import tiny
+    from jaxlcd import tiny
 
     print(f"machine: {machine()}\n", flush=True)
     rows = []

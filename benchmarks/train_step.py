@@ -4,11 +4,11 @@
                                                  [--torch-threads N]
 
 Configs:
-  tiny  the tiny random teacher of `jaxlcd.train.tiny` (configs/rglcd.py:tiny), 64 px, batch 2;
+  tiny  the tiny random teacher of `jaxlcd.tiny` (configs/rglcd.py:tiny), 64 px, batch 2;
   mid   a pipeline folder with a quarter-width SD UNet (benchmarks/ports.py MID_UNET, 74 M params), the SD VAE
         and a 4-layer CLIP-L-width text encoder (benchmarks/sampling.py make_pipeline), 256 px, batch 2.
 
-jax: `jaxlcd.train.setup.build_run` on a single-device mesh, compute dtype float32, `make_train_step` jitted
+jax: `jaxlcd.distill.setup.build_run` on a single-device mesh, compute dtype float32, `make_train_step` jitted
 with the state donated; each step encodes random pixels with the VAE and fixed token ids with the text encoder.
 PyTorch: the same work in eager mode with diffusers / transformers models loaded from the same folder: VAE encode
 + posterior sample, CLIP text encode, batched cond+uncond teacher UNet (2B), student UNet (teacher weights +
@@ -60,7 +60,7 @@ def get_config(variant: str):
 
 # ------------------------------------------------------------------------------------------- teachers
 def tiny_teacher(tmp: str):
-    from jaxlcd.train import tiny
+    from jaxlcd import tiny
 
     cfg = get_config("tiny")
     return cfg, tiny.write_teacher_folder(os.path.join(tmp, "tiny_teacher"), seed=cfg.seed)
@@ -114,8 +114,8 @@ def sd21base_teacher(tmp: str, batch: int):
 class JaxStep:
     def __init__(self, cfg, teacher_dir: str, pixels: np.ndarray, ids: np.ndarray):
         from jaxlcd import parallel
-        from jaxlcd.train.setup import build_run
-        from jaxlcd.train.step import make_train_step
+        from jaxlcd.distill.setup import build_run
+        from jaxlcd.distill.step import make_train_step
 
         mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
         run = build_run(cfg, teacher_dir, mesh)

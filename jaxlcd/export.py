@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxlcd.pipeline import PipelineError, check_pipeline_dir, read_model_index
 from jaxlcd.diffusion.schedule import read_scheduler_config
-from jaxlcd.weights import load_component, save_component
+from jaxlcd.loaders import load_component, save_component
 
 # Keys copied from the teacher's scheduler config into the LCMScheduler config (when present).
 _TEACHER_SCHEDULER_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -116,8 +116,8 @@ def export_checkpoint(workdir: str, out_dir: str, step=None, which: str = "stude
     """
     import ml_collections
 
-    from jaxlcd.train import checkpoint
-    from jaxlcd.train.state import create_state, make_optimizer
+    from jaxlcd.training import checkpoint
+    from jaxlcd.distill.state import create_state, make_optimizer
 
     if which not in ("student", "target"):
         raise ValueError(f"which must be 'student' or 'target', got {which!r}")

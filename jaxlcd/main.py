@@ -1,72 +1,48 @@
-"""Train an LCM student by (reward-guided) latent consistency distillation.
+"""Train with jaxlcd: the job named by the config's ``job`` key.
 
+    python -m jaxlcd.main --config=configs/rglcd.py --workdir=/tmp/run               # the demo world (default)
     python -m jaxlcd.main --config=configs/rglcd.py:tiny --workdir=/tmp/run [--config.key=value ...]
-    python -m jaxlcd.main --config=configs/lrm_pretrain.py:tiny --workdir=/tmp/lrm   # LRM pretraining
-    python -m jaxlcd.main --config=configs/demo_vae.py --workdir=/tmp/vae            # the demo world's VAE
-    python -m jaxlcd.main --config=configs/demo_clip.py --workdir=/tmp/clip          # the demo world's CLIP
-    (also configs/demo_judge.py, configs/demo_teacher.py; launch/train_demo_world.sh trains them all)
+    python -m jaxlcd.main --config=configs/lrm_pretrain.py:tiny --workdir=/tmp/lrm  # LRM pretraining
+    python -m jaxlcd.main --config=configs/demo/vae.py --workdir=/tmp/vae           # a demo-world model
 
-Rerunning the same command resumes from the newest checkpoint in the workdir.
+Rerunning the same command resumes from the newest checkpoint in the workdir. Config files are found from any
+directory (`jaxlcd.cli`).
 """
-import logging
+import importlib
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", "configs/rglcd.py", "training config file[:variant]", lock_config=True)
+from jaxlcd import cli
+from jaxlcd.errors import InputError, JaxlcdError
+
+config_flags.DEFINE_config_file("config", cli.resolve_config_path("configs/rglcd.py"), "training config file[:variant]", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, samples and exports", required=True)
 FLAGS = flags.FLAGS
+# config.job -> "module:function(cfg, workdir)"; a config may also name "package.module:function" itself
+JOBS = {"distill": "jaxlcd.distill.job:train", "lrm_pretrain": "jaxlcd.rewards.lrm_pretrain:pretrain"}
+
+
+def job_function(name: str):
+    """The function a config's ``job`` names (a key of JOBS or "module:function"), imported now."""
+    module, _, function = JOBS.get(name, name).partition(":")
+    if not function:
+        raise InputError(f"config.job={name!r} is unknown; use one of {', '.join(JOBS)} or 'package.module:function'")
+    return getattr(importlib.import_module(module), function)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/grain are chatty at INFO
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("jaxlcd").addHandler(handler)
-    logging.getLogger("jaxlcd").setLevel(logging.INFO)
-    logging.getLogger("jaxlcd").propagate = False
+    cli.setup_logging()
     if FLAGS.config.get("xla_flags"):  # read when the XLA backend starts, i.e. at the first JAX computation below
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FLAGS.config.xla_flags}".strip()
-    from jaxlcd.train import loop  # after flag parsing: keeps --help fast
-
     try:
-        job = FLAGS.config.get("job", "rglcd")
-        if job == "lrm_pretrain":
-            from jaxlcd.train.lrm_pretrain import pretrain
-
-            pretrain(FLAGS.config, FLAGS.workdir)
-        elif job == "clip":
-            from jaxlcd.train.clip_train import train_clip
-
-            train_clip(FLAGS.config, FLAGS.workdir)
-        elif job == "teacher":
-            from jaxlcd.train.teacher_train import train_teacher
-
-            train_teacher(FLAGS.config, FLAGS.workdir)
-        elif job == "vae":
-            from jaxlcd.train.vae_train import train_vae
-
-            train_vae(FLAGS.config, FLAGS.workdir)
-        elif job == "judge":
-            from jaxlcd.train.judge_train import train_judge
-
-            train_judge(FLAGS.config, FLAGS.workdir)
-        elif FLAGS.config.get("demo") and (FLAGS.config.demo.baselines or FLAGS.config.demo.eval_prompts):
-            from jaxlcd.demo import run_demo
-
-            run_demo(FLAGS.config, FLAGS.workdir)
-        else:
-            loop.train(FLAGS.config, FLAGS.workdir)
-    except (ValueError, loop.TrainingError) as e:  # config, pipeline, weights and data errors are ValueErrors
-        print(f"jaxlcd.main: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        job_function(FLAGS.config.get("job", "distill"))(FLAGS.config, FLAGS.workdir)
+    except JaxlcdError as e:
+        cli.fail("jaxlcd.main", e)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser)

@@ -162,6 +162,14 @@ def init_sharded(init_fn: Callable, mesh: Mesh, rules: Rules | None, *args, min_
     return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
 
 
+def place(tree: Any, mesh: Mesh, rules: Rules | None = FSDP_RULES):
+    """``tree`` (host or single-device arrays) put on the shardings the rules give -> (placed tree, shardings).
+    For the small models of the demo jobs; large models are initialised straight into their shards
+    (`init_sharded`)."""
+    shardings = param_shardings(jax.eval_shape(lambda: tree), mesh, rules)
+    return jax.device_put(tree, shardings), shardings
+
+
 # ---------------------------------------------------------------------------------------------- batch
 def local_batch_shards(mesh: Mesh) -> int:
     """Number of distinct batch slices (positions on the ("data", "fsdp") axes) held by this process."""

@@ -22,12 +22,13 @@ import jax.numpy as jnp
 
 from jaxlcd.diffusion import samplers, schedule
 from jaxlcd.tokenizer import load_tokenizer, tokenize
-from jaxlcd.weights import load_component
+from jaxlcd.loaders import load_component
+from jaxlcd.errors import InputError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class PipelineError(ValueError):
+class PipelineError(InputError):
     """A path is not a usable diffusers pipeline folder, or a sampler does not fit the pipeline's UNet."""
 
 

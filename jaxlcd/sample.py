@@ -15,11 +15,12 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
+from jaxlcd.errors import InputError
 
 DEFAULTS = {"lcm": (4, 8.5), "ddim": (50, 7.5)}  # (steps, guidance) as diffusers' pipelines
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """A command-line input the sampler cannot use."""
 
 

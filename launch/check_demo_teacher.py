@@ -27,14 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlcd import eval_metrics
-from jaxlcd.data import shapes
+from jaxlcd.demo import metrics as eval_metrics
+from jaxlcd.demo import shapes
 from jaxlcd.demo import demo_path
 from jaxlcd.diffusion import samplers, schedule
-from jaxlcd.models import judge as judge_lib, vae as vae_lib
+from jaxlcd.demo import judge as judge_lib
+from jaxlcd.models import vae as vae_lib
 from jaxlcd.pipeline import encode_prompts, load_pipeline, sample_ddim
-from jaxlcd.train.teacher_train import judge_scores, sample_check
-from jaxlcd.weights import load_component
+from jaxlcd.demo.train_teacher import judge_scores, sample_check
+from jaxlcd.loaders import load_component
 
 
 def real_latents(pipe, scenes):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlcd.data import shapes
+from jaxlcd.demo import shapes
 from jaxlcd.models import vae as vae_lib
 from jaxlcd.tokenizer import tokenize
 
@@ -35,7 +35,7 @@ SWAPS = {"shape": shapes.SHAPES, "position": ("left", "right", "top", "bottom"),
 def check_clip(path: str) -> None:
     from jaxlcd.rewards.preprocess import reward_pixels
     from jaxlcd.tokenizer import load_tokenizer
-    from jaxlcd.weights import load_component
+    from jaxlcd.loaders import load_component
 
     module, params = load_component(path)
     tok = load_tokenizer(path)

@@ -10,11 +10,11 @@ import dataclasses
 
 import numpy as np
 
-from jaxlcd.data import shapes
+from jaxlcd.demo import shapes
 from jaxlcd.demo import demo_path
 from jaxlcd.models import vae as vae_lib
-from jaxlcd.train.vae_train import reconstruction_check
-from jaxlcd.weights import load_component
+from jaxlcd.demo.train_vae import reconstruction_check
+from jaxlcd.loaders import load_component
 
 
 def flat_background_texture(vae, params, num_scenes: int = 128) -> dict:

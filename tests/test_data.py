@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxlcd.data import make_train_iterator, prepare_folder_dataset, read_prepare_stats, write_tiny_folder
+from jaxlcd.data import make_train_iterator, prepare_folder_dataset, read_prepare_stats
+from tiny_images import write_tiny_folder
 from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer, tokenize
 
 N, RES, B = 12, 32, 4

@@ -7,10 +7,11 @@ import torch
 
 from conftest import rel_err
 from jaxlcd import demo
-from jaxlcd.data import shapes
+from jaxlcd.demo import shipping
+from jaxlcd.demo import shapes
 from jaxlcd.pipeline import load_pipeline, sample_ddim
 
-ASSETS = os.path.join(os.path.dirname(demo.__file__), "assets", "demo")
+ASSETS = demo.DEMO_DIR
 
 
 def _stored_bytes(root: str) -> int:

@@ -1,4 +1,4 @@
-"""The demo world's model trainers (issue 7) on tiny configs: they run, resume, and write folders diffusers loads."""
+"""The demo world's model trainers on tiny configs: they run, resume, and write folders diffusers loads."""
 import json
 
 import diffusers
@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from conftest import load_config
-from jaxlcd.data import shapes
-from jaxlcd.train.vae_train import train_vae
+from jaxlcd.demo import shapes
+from jaxlcd.demo.train_vae import train_vae
 
 
 @pytest.mark.slow  # ~90 s: two compiles of the VAE step
 def test_vae_trainer_writes_a_diffusers_vae_with_unit_variance_latents(tmp_path):
-    cfg = load_config("tiny", "demo_vae.py")
+    cfg = load_config("tiny", "demo/vae.py")
     cfg.total_steps, cfg.log_every, cfg.checkpoint_every = 2, 1, 1
-    cfg.judge = "demo"   # the acceptance check at every checkpoint (the judge resizes the 32 px reconstructions)
+    cfg.evals.reconstruction.judge = "demo"   # the acceptance check at every checkpoint (the judge resizes the 32 px reconstructions)
     train_vae(cfg, str(tmp_path))
     cfg.total_steps = 3
     last = train_vae(cfg, str(tmp_path))   # resumes at step 2
@@ -35,7 +35,8 @@ def test_vae_trainer_writes_a_diffusers_vae_with_unit_variance_latents(tmp_path)
     assert 0.5 < float(z.std()) < 2.0   # scaled latents have about unit variance on unseen scenes
 
     # a decoder-only second phase from the saved folder: the encoder (and the scaling factor) come back bit-identical
-    cfg.init_from, cfg.train_encoder, cfg.edge_weight, cfg.total_steps, cfg.judge = str(tmp_path / "vae"), False, 1.0, 2, ""
+    cfg.init_from, cfg.train_encoder, cfg.edge_weight, cfg.total_steps = str(tmp_path / "vae"), False, 1.0, 2
+    cfg.evals.reconstruction.judge = ""
     cfg.latent_noise = 0.3
     train_vae(cfg, str(tmp_path / "phase2"))
     again = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "phase2" / "vae")).eval()
@@ -52,9 +53,9 @@ def test_vae_trainer_writes_a_diffusers_vae_with_unit_variance_latents(tmp_path)
 def test_vae_latent_noise():
     import jax
     from jaxlcd.models import vae as vae_lib
-    from jaxlcd.train.vae_train import vae_loss
+    from jaxlcd.demo.train_vae import vae_loss
 
-    cfg = load_config("tiny", "demo_vae.py")
+    cfg = load_config("tiny", "demo/vae.py")
     vae = vae_lib.build(dict(cfg.vae))
     params = vae.init(jax.random.PRNGKey(0), *vae_lib.SPEC.dummy_inputs(vae))["params"]
     pixels = np.stack([shapes.render(shapes.sample_scene(0, i), resolution=32) for i in range(2)]) / 127.5 - 1.0
@@ -71,10 +72,10 @@ def test_vae_latent_noise():
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    from jaxlcd.train.clip_train import train_clip
+    from jaxlcd.demo.train_clip import train_clip
 
     workdir = tmp_path_factory.mktemp("clip")
-    cfg = load_config("tiny", "demo_clip.py")
+    cfg = load_config("tiny", "demo/clip.py")
     cfg.hard_negatives = 2   # exercises the hard-negative path of the loss
     last = train_clip(cfg, str(workdir))
     assert np.isfinite(last["loss"])
@@ -103,10 +104,10 @@ def test_clip_trainer_writes_a_transformers_clip_that_the_reward_registry_loads(
 def test_clip_trainer_continues_from_a_saved_clip_folder(tmp_path, tiny_clip_dir):
     import transformers
 
-    from jaxlcd.train.clip_train import train_clip
+    from jaxlcd.demo.train_clip import train_clip
 
-    cfg = load_config("tiny", "demo_clip.py")
-    cfg.init_from, cfg.total_steps, cfg.learning_rate = tiny_clip_dir, 1, 0.0   # one step at lr 0: params unchanged
+    cfg = load_config("tiny", "demo/clip.py")
+    cfg.init_from, cfg.total_steps, cfg.optim.learning_rate = tiny_clip_dir, 1, 0.0   # one step at lr 0: params unchanged
     cfg.clip.projection_dim = 8   # ignored: the saved folder's config wins
     train_clip(cfg, str(tmp_path))
     before = transformers.CLIPModel.from_pretrained(tiny_clip_dir).state_dict()
@@ -118,13 +119,13 @@ def test_clip_trainer_continues_from_a_saved_clip_folder(tmp_path, tiny_clip_dir
 
 @pytest.mark.slow  # ~3 min: compiles the tiny UNet training step three times
 def test_teacher_trainer_writes_a_pipeline_diffusers_samples_with_the_clip_text_tower(tmp_path, tiny_clip_dir):
-    from jaxlcd.train.teacher_train import train_teacher
-    from jaxlcd.train.vae_train import train_vae
+    from jaxlcd.demo.train_teacher import train_teacher
+    from jaxlcd.demo.train_vae import train_vae
 
-    vae_cfg = load_config("tiny", "demo_vae.py")
+    vae_cfg = load_config("tiny", "demo/vae.py")
     vae_cfg.total_steps = 2   # warmup 1 + one decay step (optax needs decay_steps > 0)
     train_vae(vae_cfg, str(tmp_path / "vae_run"))
-    cfg = load_config("tiny", "demo_teacher.py")
+    cfg = load_config("tiny", "demo/teacher.py")
     cfg.vae, cfg.clip = str(tmp_path / "vae_run" / "vae"), tiny_clip_dir
     assert np.isfinite(train_teacher(cfg, str(tmp_path / "teacher_run"))["loss"])
 
@@ -142,20 +143,20 @@ def test_teacher_trainer_writes_a_pipeline_diffusers_samples_with_the_clip_text_
                                    clip.text_model(ids).last_hidden_state.numpy(), atol=1e-6)
 
     # a second run continues from the saved UNet (two steps at lr 0: the exported EMA UNet is the same) ...
-    cfg.init_from, cfg.total_steps, cfg.learning_rate = teacher, 2, 0.0
+    cfg.init_from, cfg.total_steps, cfg.optim.learning_rate = teacher, 2, 0.0
     train_teacher(cfg, str(tmp_path / "continued"))
     again = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "continued" / "teacher" / "unet"))
     for (name, a), b in zip(pipe.unet.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     # ... and refuses a UNet of another shape
     from jaxlcd.models import unet as unet_lib
-    from jaxlcd.train.teacher_train import initial_unet_params
+    from jaxlcd.demo.train_teacher import initial_unet_params
 
     with pytest.raises(ValueError, match="config.init_from"):
         initial_unet_params(teacher, unet_lib.build(dict(cfg.unet, block_out_channels=(32, 32))))
 
     # trained jointly, the text encoder saved with the teacher moves away from the CLIP's text tower
-    cfg.init_from, cfg.total_steps, cfg.learning_rate, cfg.train_text_encoder = "", 2, 1e-2, True
+    cfg.init_from, cfg.total_steps, cfg.optim.learning_rate, cfg.train_text_encoder = "", 2, 1e-2, True
     train_teacher(cfg, str(tmp_path / "joint"))
     joint = transformers.CLIPTextModel.from_pretrained(str(tmp_path / "joint" / "teacher" / "text_encoder")).eval()
     with torch.no_grad():
@@ -164,7 +165,7 @@ def test_teacher_trainer_writes_a_pipeline_diffusers_samples_with_the_clip_text_
 
 
 def test_array_batches_resume_where_they_stopped():
-    from jaxlcd.train.simple_loop import ArrayBatches
+    from jaxlcd.training.batches import ArrayBatches
 
     data = {"x": np.arange(10)}
     a = ArrayBatches(data, 4, seed=3)
@@ -184,7 +185,7 @@ def test_array_batches_resume_where_they_stopped():
 def test_min_snr_weight_matches_the_diffusers_training_recipe():
     import jax.numpy as jnp
     from diffusers.training_utils import compute_snr
-    from jaxlcd.train.teacher_train import min_snr_weight
+    from jaxlcd.demo.train_teacher import min_snr_weight
 
     scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     t = torch.tensor([0, 10, 100, 400, 999])
@@ -198,7 +199,7 @@ def test_min_snr_weight_matches_the_diffusers_training_recipe():
 
 def test_teacher_ema_follows_the_diffusers_ema_model_warmup():
     from diffusers.training_utils import EMAModel
-    from jaxlcd.train.teacher_train import ema_decay_at
+    from jaxlcd.demo.train_teacher import ema_decay_at
 
     weight = torch.nn.Parameter(torch.zeros(3))
     ema_model, ema = EMAModel([weight], decay=0.999), np.full(3, 7.0)  # our EMA starts from an unrelated value
@@ -214,7 +215,7 @@ def test_teacher_ema_follows_the_diffusers_ema_model_warmup():
 
 def test_sample_timesteps_puts_the_focus_share_at_high_noise():
     import jax
-    from jaxlcd.train.teacher_train import sample_timesteps
+    from jaxlcd.demo.train_teacher import sample_timesteps
 
     t = np.asarray(sample_timesteps(jax.random.PRNGKey(0), 100_000, 1000, focus_min=800, focus_fraction=0.5))
     assert t.min() >= 0 and t.max() <= 999 and (t < 800).any()
@@ -225,16 +226,16 @@ def test_sample_timesteps_puts_the_focus_share_at_high_noise():
 
 def test_teacher_optimizer_scales_the_text_encoder_learning_rate():
     import jax.numpy as jnp
-    from jaxlcd.train.teacher_train import teacher_optimizer
+    from jaxlcd.demo.train_teacher import teacher_optimizer
 
-    cfg = load_config("tiny", "demo_teacher.py")
-    cfg.train_text_encoder, cfg.text_lr_scale, cfg.warmup_steps = True, 10.0, 0
+    cfg = load_config("tiny", "demo/teacher.py")
+    cfg.train_text_encoder, cfg.text_lr_scale, cfg.optim.warmup_steps = True, 10.0, 0
     params = {"unet": {"w": jnp.ones(3)}, "text": {"w": jnp.ones(3)}}
     grads = {"unet": {"w": jnp.full(3, 1e-3)}, "text": {"w": jnp.full(3, 1e-3)}}  # below the clipping norm
     tx = teacher_optimizer(cfg)
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["text"]["w"], 10.0 * updates["unet"]["w"], rtol=1e-6)
-    assert float(updates["unet"]["w"][0]) == pytest.approx(-cfg.learning_rate, rel=1e-3)  # Adam's first step: -lr
+    assert float(updates["unet"]["w"][0]) == pytest.approx(-cfg.optim.learning_rate, rel=1e-3)  # Adam's first step: -lr
     cfg.text_lr_scale = 1.0
     tx = teacher_optimizer(cfg)
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -242,7 +243,7 @@ def test_teacher_optimizer_scales_the_text_encoder_learning_rate():
 
 
 def test_edge_error_prefers_a_sharp_edge_to_a_blurred_one():
-    from jaxlcd.train.vae_train import edge_error
+    from jaxlcd.demo.train_vae import edge_error
 
     step = np.zeros((1, 8, 8, 1), np.float32)
     step[:, :, 4:] = 1.0
@@ -255,7 +256,7 @@ def test_edge_error_prefers_a_sharp_edge_to_a_blurred_one():
 
 
 def test_hard_negative_loss_adds_the_negatives_to_the_image_to_text_softmax_only():
-    from jaxlcd.train.clip_train import hard_negative_loss
+    from jaxlcd.demo.train_clip import hard_negative_loss
 
     rng = np.random.default_rng(0)
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)

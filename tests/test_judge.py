@@ -10,10 +10,10 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
 
 from conftest import REPO, load_config
-from jaxlcd import eval_metrics
-from jaxlcd.data import shapes
-from jaxlcd.models import judge as judge_lib
-from jaxlcd.train.judge_train import judge_scene, train_judge
+from jaxlcd.demo import metrics as eval_metrics
+from jaxlcd.demo import shapes
+from jaxlcd.demo import judge as judge_lib
+from jaxlcd.demo.train_judge import judge_scene, train_judge
 
 SHIPPED = os.path.join(REPO, "jaxlcd", "assets", "demo", "judge")
 TINY = judge_lib.JudgeConfig(image_size=32, channels=(8, 16), feature_dim=16)
@@ -145,7 +145,7 @@ def test_high_frequency_energy_separates_checkerboards_gradients_and_renders():
 
 # ------------------------------------------------------------------------------------------ training
 def test_tiny_judge_trainer_writes_a_loadable_judge(tmp_path):
-    cfg = load_config("tiny", "demo_judge.py")
+    cfg = load_config("tiny", "demo/judge.py")
     last = train_judge(cfg, str(tmp_path))
     assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2]
     assert np.isfinite(last["loss"]) and 0 <= last["heldout_acc"] <= 1 and 0 <= last["train_stream_acc"] <= 1
@@ -156,7 +156,7 @@ def test_tiny_judge_trainer_writes_a_loadable_judge(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(SHIPPED), reason=f"no shipped judge in {SHIPPED} (train it: see "
-                    "configs/demo_judge.py)")
+                    "configs/demo/judge.py)")
 def test_shipped_judge_reads_rendered_held_out_scenes():
     assert sum(os.path.getsize(os.path.join(SHIPPED, f)) for f in os.listdir(SHIPPED)) < 2_000_000
     module, params = judge_lib.load_judge(SHIPPED)

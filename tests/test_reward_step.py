@@ -9,14 +9,14 @@ import pytest
 from flax import traverse_util
 
 from conftest import load_config, rel_err
-from jaxlcd import data as data_lib
 from jaxlcd import parallel
 from jaxlcd.models import lrm as lrm_lib
 from jaxlcd.pipeline import load_pipeline
 from jaxlcd.rewards import load_reward
 from jaxlcd.rewards.lrm import load_lrm, make_lrm_optimizer, pairwise_preference_loss
-from jaxlcd.train import loop, setup, tiny
-from jaxlcd.train.step import decode_images, make_train_step
+from jaxlcd import tiny
+from jaxlcd.distill import job as loop, setup
+from jaxlcd.distill.step import decode_images, make_train_step
 
 PROMPTS = ["a red circle", "a blue square on a green background"]
 
@@ -24,7 +24,7 @@ PROMPTS = ["a red circle", "a blue square on a green background"]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("rg")
-    data_lib.write_tiny_folder(str(root / "data"), n=8, resolution=64, seed=0)
+    tiny.write_image_folder(str(root / "data"), n=8, resolution=64, seed=0)
     return {"teacher": tiny.write_teacher_folder(str(root / "teacher")),
             "reward": tiny.write_reward_folder(str(root / "reward"), seed=5),
             "lrm": tiny.write_lrm_folder(str(root / "lrm"), latent_size=8, seed=6), "data": str(root / "data")}
@@ -133,7 +133,7 @@ def test_tiny_rg_lcd_run_trains_checkpoints_and_resumes(folders, guidance, tmp_p
     cfg.teacher, cfg.data_dir, cfg.reward.path, cfg.lrm.path = (folders["teacher"], folders["data"],
                                                                folders["reward"], folders["lrm"])
     cfg.per_device_batch, cfg.total_steps, cfg.checkpoint_every, cfg.log_every = 1, 2, 1, 1
-    cfg.sample_lcm_steps = (1,)
+    cfg.evals.grids.steps = (1,)
     loop.train(cfg, str(tmp_path))
     cfg.total_steps = 3
     loop.train(cfg, str(tmp_path))   # resumes from step 2
@@ -146,7 +146,7 @@ def test_tiny_rg_lcd_run_trains_checkpoints_and_resumes(folders, guidance, tmp_p
 
 
 def test_clip_loss_equals_hand_computation():
-    from jaxlcd.train.lrm_pretrain import clip_loss
+    from jaxlcd.rewards.lrm_pretrain import clip_loss
 
     rng = np.random.default_rng(0)
     img, txt = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
@@ -159,7 +159,7 @@ def test_clip_loss_equals_hand_computation():
 
 
 def test_lrm_pretraining_tiny_run_writes_a_loadable_lrm(folders, tmp_path):
-    from jaxlcd.train.lrm_pretrain import pretrain
+    from jaxlcd.rewards.lrm_pretrain import pretrain
 
     cfg = load_config("tiny", "lrm_pretrain.py")
     cfg.teacher, cfg.data_dir, cfg.total_steps, cfg.per_device_batch, cfg.log_every = (

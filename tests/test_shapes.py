@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlcd.data import make_train_iterator, version_dir
-from jaxlcd.data.shapes import (COLOURS, HELD_OUT_PAIRS, NUM_TEMPLATES, SHAPES, TRAIN_PAIRS, Obj, Scene, caption,
+from jaxlcd.demo.shapes import (COLOURS, HELD_OUT_PAIRS, NUM_TEMPLATES, SHAPES, TRAIN_PAIRS, Obj, Scene, caption,
                                 eval_prompts, eval_scenes, layout, parse_caption, prepare_shapes_dataset, render,
                                 sample_scene)
 from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
@@ -153,7 +153,7 @@ def test_scene_equality_ignores_layout_seed():
 
 
 def test_hard_negative_changes_one_word_attribute_and_keeps_held_out_pairs_out():
-    from jaxlcd.data.shapes import hard_negative
+    from jaxlcd.demo.shapes import hard_negative
 
     rng = np.random.default_rng(0)
     for i in range(300):
@@ -168,7 +168,7 @@ def test_hard_negative_changes_one_word_attribute_and_keeps_held_out_pairs_out()
 
 
 def test_hard_negative_kinds_restrict_what_changes():
-    from jaxlcd.data.shapes import hard_negative
+    from jaxlcd.demo.shapes import hard_negative
 
     rng = np.random.default_rng(1)
     for i in range(100):

@@ -6,8 +6,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlcd import data as data_lib
 from jaxlcd import parallel
-from jaxlcd.train import setup
-from jaxlcd.train.step import make_train_step
+from jaxlcd.distill import setup
+from jaxlcd.distill.step import make_train_step
 from tiny_run import make_inputs, tiny_config
 
 

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxlcd.models import vae as vae_lib
 from jaxlcd.models.config import ConfigError
-from jaxlcd.weights.components import load_component, save_component
+from jaxlcd.loaders.components import load_component, save_component
 
 FP32_RTOL = 1e-5   # relative L2 error vs torch fp32, Flax fp32 compute
 # relative L2 error vs torch fp32 with Flax bf16 compute (fp32 params, norms and softmax; bf16 activations,

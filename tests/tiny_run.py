@@ -4,8 +4,7 @@ import os
 import sys
 
 from conftest import REPO, load_config
-from jaxlcd import data as data_lib
-from jaxlcd.train import tiny
+from jaxlcd import tiny
 
 CONFIG = os.path.join(REPO, "configs", "rglcd.py")
 STEPS = 4
@@ -14,7 +13,7 @@ STEPS = 4
 def make_inputs(root) -> tuple[str, str]:
     """A tiny random teacher folder and a tiny image-caption folder under ``root``: (teacher, data_dir)."""
     teacher = tiny.write_teacher_folder(str(root / "teacher"))
-    data_lib.write_tiny_folder(str(root / "data"), n=24, resolution=64, seed=0)
+    tiny.write_image_folder(str(root / "data"), n=24, resolution=64, seed=0)
     return teacher, str(root / "data")
 
 
@@ -23,7 +22,7 @@ def tiny_config(inputs, **overrides):
     cfg = load_config("tiny")
     cfg.teacher, cfg.data_dir = inputs
     cfg.total_steps, cfg.checkpoint_every, cfg.log_every, cfg.per_device_batch = STEPS, 2, 1, 1
-    cfg.sample_lcm_steps = (1,)  # the grids' other step counts only cost compile time here
+    cfg.evals.grids.steps = (1,)  # the grids' other step counts only cost compile time here
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")
@@ -38,7 +37,7 @@ def cli(inputs, workdir, *extra):
     return [sys.executable, "-m", "jaxlcd.main", f"--config={CONFIG}:tiny", f"--workdir={workdir}",
             f"--config.teacher={inputs[0]}", f"--config.data_dir={inputs[1]}", f"--config.total_steps={STEPS}",
             "--config.checkpoint_every=2", "--config.log_every=1", "--config.per_device_batch=1",
-            "--config.sample_lcm_steps=(1,)", *extra]
+            "--config.evals.grids.steps=(1,)", *extra]
 
 
 def losses(workdir):

@@ -173,7 +173,7 @@ def _no_usable_message(src_dir: str, skipped: Counter) -> str:
 def version_dir(data_dir: str, builder_name: str = BUILDER_NAME) -> str:
     """The prepared dataset folder (the one holding dataset_info.json) for ``data_dir``, which may be
     the ``out_dir`` given to `prepare_folder_dataset` or that folder itself; ``builder_name`` picks
-    another builder's dataset in ``out_dir`` (e.g. ``"shapes"``, see `jaxlcd.data.shapes`). The newest
+    another builder's dataset in ``out_dir`` (e.g. ``"shapes"``, see `jaxlcd.demo.shapes`). The newest
     version is taken. Raises ValueError if none."""
     if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
         return data_dir

@@ -12,12 +12,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxlcd.errors import InputError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(InputError):
     """A scheduler config value jaxlcd does not support."""
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from jaxlcd.models.clip_text import SUPPORTED_ACTS, CLIPEncoder, CLIPTextConfig, CLIPTextTransformer, pooled_output
 from jaxlcd.models.config import ConfigError, ModelConfig, require
 from jaxlcd.weights import io, tables
-from jaxlcd.weights.components import ComponentSpec, param_shapes
+from jaxlcd.weights.spec import ComponentSpec, param_shapes
 from jaxlcd.weights.tables import WeightsError
 
 Dtype = Any

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxlcd.models.config import ConfigError, ModelConfig, require
 from jaxlcd.models.layers import activation, attention, layer_norm, maybe_remat
-from jaxlcd.weights.components import ComponentSpec
+from jaxlcd.weights.spec import ComponentSpec
 
 Dtype = Any
 SUPPORTED_ACTS = ("quick_gelu", "gelu", "gelu_new")

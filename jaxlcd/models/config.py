@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from typing import Any, Iterable
+from jaxlcd.errors import InputError
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A model config.json holds a value the Flax port does not support."""
 
 

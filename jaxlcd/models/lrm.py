@@ -20,7 +20,7 @@ from jaxlcd.models.clip import CLIPVisionConfig, CLIPVisionTransformer, pool_tex
 from jaxlcd.models.clip_text import CLIPTextConfig, CLIPTextTransformer
 from jaxlcd.models.config import ConfigError, ModelConfig, require
 from jaxlcd.models.modified_resnet import ModifiedResNet, ModifiedResNetConfig
-from jaxlcd.weights.components import ComponentSpec
+from jaxlcd.weights.spec import ComponentSpec
 
 Dtype = Any
 ARCHS = ("latent_vit", "latent_rn50")

@@ -13,7 +13,7 @@ import flax.linen as nn
 
 from jaxlcd.models import layers
 from jaxlcd.models.config import ConfigError, ModelConfig, per_block, require
-from jaxlcd.weights.components import ComponentSpec
+from jaxlcd.weights.spec import ComponentSpec
 
 Dtype = Any
 IntOrTuple = Union[int, tuple]

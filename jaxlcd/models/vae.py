@@ -24,7 +24,7 @@ import flax.linen as nn
 from jaxlcd.models.config import ConfigError, ModelConfig
 from jaxlcd.models.layers import (Downsample2D, ResnetBlock2D, Upsample2D, activation, attention, conv,
                                   group_norm, maybe_remat)
-from jaxlcd.weights.components import ComponentSpec
+from jaxlcd.weights.spec import ComponentSpec
 
 Dtype = Any
 VAE_EPS = 1e-6  # GroupNorm epsilon used everywhere in the diffusers VAE (hard-coded there too)

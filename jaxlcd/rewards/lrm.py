@@ -80,17 +80,21 @@ def trainable_mask(params, freeze: Sequence[str] = ()) -> Any:
 
 def make_lrm_optimizer(params, learning_rate: float, weight_decay: float = 0.0,
                        freeze: Sequence[str] = ()) -> optax.GradientTransformation:
-    """AdamW on the trainable leaves; frozen leaves get a zero update (they stay bit-identical)."""
+    """AdamW (`jaxlcd.training.optimizer`, constant rate, no clipping) on the trainable leaves; frozen leaves
+    (`trainable_mask`) get a zero update, so they stay bit-identical."""
+    from jaxlcd.training.optimizer import make_optimizer
+
     mask = trainable_mask(params, freeze)
     labels = jax.tree_util.tree_map(lambda m: "train" if m else "frozen", mask)
-    return optax.multi_transform({"train": optax.adamw(learning_rate, weight_decay=weight_decay),
-                                  "frozen": optax.set_to_zero()}, labels)
+    adamw = make_optimizer({"learning_rate": learning_rate, "weight_decay": weight_decay}, total_steps=1,
+                           hyperparams_in_state=False)
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
 
 
 def load_lrm(path: str, *, dtype=jnp.float32, allow_pickle: bool = False) -> LatentReward:
     """An LRM folder (config.json ``LatentRewardModel`` + model.safetensors; CLIP tokenizer files optional)."""
     from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
-    from jaxlcd.weights import load_component
+    from jaxlcd.loaders import load_component
 
     module, params = load_component(path, dtype=dtype, allow_pickle=allow_pickle)
     if not isinstance(module, LatentRewardModel):

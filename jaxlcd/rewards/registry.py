@@ -23,12 +23,13 @@ import numpy as np
 
 from jaxlcd.rewards.base import RewardModel, weighted_sum
 from jaxlcd.rewards.preprocess import reward_pixels
+from jaxlcd.errors import InputError
 
 _TERM = re.compile(r"\s*(?:([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*\*\s*)?([a-z0-9_.]+)\s*")
 IMAGEREWARD_CAP = 2.0
 
 
-class RewardError(ValueError):
+class RewardError(InputError):
     """An unknown reward name, a malformed reward expression, or a missing model path."""
 
 
@@ -36,7 +37,7 @@ def _clip_model(path: str, dtype, allow_pickle: bool):
     """(module, params, tokenizer, text context length) from a transformers or open_clip CLIP folder."""
     from jaxlcd.models import clip
     from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
-    from jaxlcd.weights import load_component
+    from jaxlcd.loaders import load_component
 
     if not os.path.isdir(path):
         raise RewardError(f"CLIP reward model folder {path!r} does not exist")

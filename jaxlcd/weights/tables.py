@@ -18,6 +18,7 @@ from typing import Mapping
 
 import numpy as np
 from flax import traverse_util
+from jaxlcd.errors import InputError
 
 # PyTorch nn.ModuleList / nn.Sequential attribute names used by the ported models.
 LIST_NAMES = frozenset({
@@ -29,7 +30,7 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bi
 _LIST_SEGMENT = re.compile(r"(.+)_(\d+)")
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weights file or directory does not match what the model config implies."""
 
 

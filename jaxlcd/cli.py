@@ -1,0 +1,134 @@
+"""What every jaxlcd command line shares: finding config files, one-sentence errors, logging.
+
+Config files: ``--config=configs/rglcd.py:tiny`` is read as given when that file exists (a user's own config, or
+the repository's ``configs/`` from its root); otherwise a path ending in ``configs/NAME.py`` (or just ``NAME.py``)
+is found among the configs shipped inside the package (``jaxlcd/configs``), so the commands work from any
+directory.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import os
+import sys
+
+import ml_collections
+
+from jaxlcd.errors import ConfigKeyError, InputError, JaxlcdError
+
+PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+MOVED_CONFIGS = {f"demo_{n}.py": f"demo/{n}.py" for n in ("vae", "clip", "judge", "teacher")}
+# keys that were renamed or removed: old dotted key -> its new names (the first that the config has is named)
+RENAMED_KEYS = {
+    "sample_every": ("evals.grids.every",), "sample_lcm_steps": ("evals.grids.steps",),
+    "validation_prompts": ("evals.grids.prompts",),
+    "learning_rate": ("optim.learning_rate",), "warmup_steps": ("optim.warmup_steps",),
+    "weight_decay": ("optim.weight_decay",), "grad_clip": ("optim.grad_clip",),
+    "judge": ("evals.reconstruction.judge", "evals.samples.judge"),
+    "eval_prompts": ("evals.samples.prompts",), "eval_guidance": ("evals.samples.guidance",),
+    "debug_kill_at_step": (),   # removed: tests kill the process from outside
+}
+
+
+def resolve_config_path(path: str) -> str:
+    """``path`` (a config file, without ``:variant``) if it exists, else the shipped config it names."""
+    if os.path.exists(path):
+        return path
+    rel = path.replace(os.sep, "/")
+    rel = rel.split("configs/", 1)[1] if "configs/" in rel else os.path.basename(rel)
+    if rel in MOVED_CONFIGS:
+        raise InputError(f"the config {path!r} moved to configs/{MOVED_CONFIGS[rel]}; pass "
+                         f"--config=configs/{MOVED_CONFIGS[rel]}")
+    shipped = os.path.join(PACKAGE_CONFIGS, rel)
+    if os.path.isfile(shipped):
+        return shipped
+    raise InputError(f"the config file {path!r} does not exist (neither here nor among the shipped configs in "
+                     f"{PACKAGE_CONFIGS})")
+
+
+def resolve_config_flag(argv: list[str]) -> list[str]:
+    """``argv`` with the ``--config=FILE[:variant]`` value's FILE resolved by `resolve_config_path`."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config="):
+            path, sep, variant = arg[len("--config="):].partition(":")
+            arg = f"--config={resolve_config_path(path)}{sep}{variant}"
+        out.append(arg)
+    return out
+
+
+def load_config(arg: str) -> ml_collections.ConfigDict:
+    """``get_config(variant)`` of a ``FILE[:variant]`` config argument (FILE resolved as above)."""
+    path, _, variant = arg.partition(":")
+    spec = importlib.util.spec_from_file_location("jaxlcd_config", resolve_config_path(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def flat_keys(cfg, prefix: str = "") -> list[str]:
+    """Every dotted key of a ConfigDict, nested ones included."""
+    keys = []
+    for k, v in cfg.items():
+        keys.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            keys += flat_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def check_override_keys(argv: list[str]) -> None:
+    """Raise ConfigKeyError (one sentence, with a suggestion) for a ``--config.KEY=...`` whose KEY does not exist
+    in the config that ``--config`` names."""
+    config_arg = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if config_arg is None or not overrides:
+        return
+    keys = set(flat_keys(load_config(config_arg)))
+    for key in overrides:
+        if key in keys:
+            continue
+        if key in RENAMED_KEYS:
+            new = next((k for k in RENAMED_KEYS[key] if k in keys), None)
+            if new:
+                raise ConfigKeyError(f"config key {key!r} was renamed to {new!r}: pass --config.{new}=...")
+            if not RENAMED_KEYS[key]:
+                raise ConfigKeyError(f"config key {key!r} was removed")
+        close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigKeyError(f"--config.{key}: the config {config_arg!r} has no key {key!r}{hint}")
+
+
+def flags_parser(argv: list[str]) -> list[str]:
+    """absl ``app.run`` flags parser: configs found from any directory, a bad override key or value as one
+    sentence (exit 2) instead of absl's traceback."""
+    from absl import flags
+
+    prog = os.path.basename(argv[0]) if argv else "jaxlcd"
+    try:
+        argv = resolve_config_flag(argv)
+        check_override_keys(argv)
+        return flags.FLAGS(argv)
+    except JaxlcdError as e:
+        fail(prog, e)
+    except flags.Error as e:
+        fail(prog, e)
+
+
+def fail(prog: str, error: BaseException) -> None:
+    """Print ``prog: error: <one sentence>`` to stderr and exit with status 2."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def setup_logging() -> None:
+    """jaxlcd's own log lines (INFO) with timestamps on stderr; absl (orbax, grain) only from WARNING."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/grain are chatty at INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("jaxlcd")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

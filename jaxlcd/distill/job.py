@@ -1,0 +1,83 @@
+"""The distillation job: (reward-guided) latent consistency distillation of a teacher pipeline into an LCM student.
+
+    inputs (config) -> Run (models, frozen params, sharded state) -> the one training loop with the compiled
+    RG-LCD step (`jaxlcd.distill.step`) -> export of the student and its EMA target as diffusers pipelines.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+
+from jaxlcd import data as data_lib
+from jaxlcd import parallel
+from jaxlcd.distill import setup
+from jaxlcd.distill.step import make_train_step
+from jaxlcd.export import export_student_pipeline
+from jaxlcd.training import checkpoint, evaluators
+from jaxlcd.training import loop as loop_lib
+from jaxlcd.loaders import save_component
+
+log = logging.getLogger("jaxlcd")
+
+
+def device_batch(host_batch: dict, models) -> dict:
+    """The numeric part of a host batch plus the reward models' tokens of its captions."""
+    out = {k: v for k, v in host_batch.items() if k != "caption"}
+    captions = [str(c) for c in host_batch["caption"]]
+    if models.reward is not None:
+        out["reward_tokens"] = models.reward.tokenize(captions)
+    if models.lrm is not None:
+        out["lrm_tokens"] = models.lrm.tokenize(captions)
+    return out
+
+
+def export(run, state, workdir: str, export_dtype: str) -> None:
+    """Write the student and its EMA target as diffusers pipelines (and the online LRM) under ``workdir/export``;
+    process 0 writes, an existing export folder is kept."""
+    if jax.process_index() != 0:
+        return
+    dtype = np.float16 if export_dtype == "float16" else np.float32
+    for name, params in (("student", state.params), ("target", state.target_params)):
+        out = os.path.join(workdir, "export", name)
+        if not os.path.isdir(out):
+            export_student_pipeline(out, run.teacher_dir, run.models.student, jax.device_get(params), dtype)
+    if state.lrm_params is not None:
+        save_component(run.models.lrm.module, jax.device_get(state.lrm_params), os.path.join(workdir, "export", "lrm"))
+    log.info("exported the student and its EMA target to %s", os.path.join(workdir, "export"))
+
+
+def train(cfg, workdir: str) -> dict:
+    """Run (or resume) distillation in ``workdir``; returns the last logged metrics."""
+    parallel.maybe_initialize_distributed()
+    setup.validate_config(cfg, jax.device_count())
+    os.makedirs(workdir, exist_ok=True)
+    teacher_dir, raw_data = setup.resolve_inputs(cfg, workdir)
+    reward_path, lrm_path = setup.resolve_reward_paths(cfg, workdir)
+    with cfg.unlocked():
+        cfg.teacher, cfg.data_dir, cfg.reward.path, cfg.lrm.path = teacher_dir, raw_data, reward_path, lrm_path
+    checkpoint.save_config(workdir, cfg)
+    mesh = parallel.make_mesh(dict(cfg.mesh))
+    log.info("mesh: %s", parallel.describe(mesh))
+    run = setup.build_run(cfg, teacher_dir, mesh)
+
+    global_batch = cfg.per_device_batch * jax.device_count()
+    prepared = setup.prepare_data(raw_data, os.path.join(workdir, "data"))
+    it = data_lib.make_train_iterator(
+        prepared, tokenizer=run.pipe.tokenizer,
+        resolution=cfg.resolution, batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,
+        random_crop=cfg.random_crop, random_flip=cfg.random_flip)
+    context = {"run": run, "workdir": workdir, "resolution": cfg.resolution, "config": cfg}
+    job = loop_lib.Job(
+        name="train", mesh=mesh, state=run.state, state_shardings=run.state_shardings,
+        step_fn=make_train_step(run.models, cfg.lcd, run.tx, run.abar, cfg.reward, cfg.lrm),
+        frozen=run.frozen, frozen_shardings=run.frozen_shardings, batches=it,
+        make_batch=lambda host: parallel.global_batch(device_batch(host, run.models), mesh),
+        examples_per_step=global_batch, evaluators=evaluators.from_config(cfg.get("evals"), context),
+        data_stats=lambda: it.stats.as_dict())
+    result = loop_lib.train(job, cfg, workdir)
+    if result.step >= cfg.total_steps:
+        export(run, result.state, workdir, cfg.export_dtype)
+    return result.metrics

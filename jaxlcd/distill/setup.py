@@ -1,0 +1,194 @@
+"""Everything the loop needs before the first step: config checks, models, params, data, shardings."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlcd import data as data_lib
+from jaxlcd import parallel, tiny
+from jaxlcd.export import add_cond_proj
+from jaxlcd.pipeline import check_pipeline_dir, encode_prompts, load_pipeline
+from jaxlcd.rewards import load_reward, parse_reward_expression
+from jaxlcd.rewards.lrm import load_lrm, make_lrm_optimizer
+from jaxlcd.distill.state import DistillState, create_state
+from jaxlcd.distill.step import StepModels
+from jaxlcd.training.optimizer import make_optimizer
+from jaxlcd.errors import InputError
+
+log = logging.getLogger("jaxlcd")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigValueError(InputError):
+    """An invalid training config value (raised at start-up, before any compile)."""
+
+
+def validate_config(cfg, num_devices: int) -> None:
+    """One clear sentence for each invalid value or combination."""
+    lcd = cfg.lcd
+    if lcd.w_min > lcd.w_max:
+        raise ConfigValueError(f"lcd.w_min={lcd.w_min} is larger than lcd.w_max={lcd.w_max}")
+    if lcd.loss not in ("huber", "l2"):
+        raise ConfigValueError(f"lcd.loss={lcd.loss!r} is unknown; use 'huber' or 'l2'")
+    if 1000 % lcd.num_ddim_timesteps:
+        raise ConfigValueError(f"lcd.num_ddim_timesteps={lcd.num_ddim_timesteps} must divide 1000")
+    if not 0.0 <= lcd.ema_decay < 1.0:
+        raise ConfigValueError(f"lcd.ema_decay={lcd.ema_decay} must be in [0, 1)")
+    if cfg.compute_dtype not in DTYPES:
+        raise ConfigValueError(f"compute_dtype={cfg.compute_dtype!r} is unknown; use one of {list(DTYPES)}")
+    if cfg.export_dtype not in ("float32", "float16"):
+        raise ConfigValueError(f"export_dtype={cfg.export_dtype!r} is unknown; use 'float32' or 'float16'")
+    if cfg.resolution % 8:
+        raise ConfigValueError(f"resolution={cfg.resolution} must be a multiple of 8 (the VAE factor)")
+    if cfg.per_device_batch < 1 or cfg.total_steps < 1 or cfg.log_every < 1 or cfg.checkpoint_every < 1:
+        raise ConfigValueError("per_device_batch, total_steps, log_every and checkpoint_every must be positive")
+    if cfg.shard_frozen not in ("replicate", "fsdp"):
+        raise ConfigValueError(f"shard_frozen={cfg.shard_frozen!r} is unknown; use 'replicate' or 'fsdp'")
+    mesh = dict(cfg.mesh)
+    batch_axes = [mesh["data"], mesh["fsdp"]]
+    if -1 not in batch_axes and (cfg.per_device_batch * num_devices) % (batch_axes[0] * batch_axes[1]):
+        raise ConfigValueError(f"the global batch {cfg.per_device_batch * num_devices} is not divisible by the "
+                               f"mesh's batch axes data*fsdp = {batch_axes[0] * batch_axes[1]}")
+    if not builds_own_inputs(cfg):
+        if not cfg.teacher:
+            raise ConfigValueError("config.teacher is empty: pass --config.teacher=/path/to/diffusers/pipeline")
+        if not cfg.data_dir:
+            raise ConfigValueError("config.data_dir is empty: pass --config.data_dir=/path/to/image_caption_folder")
+    for key in ("teacher", "data_dir"):
+        if cfg[key] and not os.path.isdir(cfg[key]):
+            raise ConfigValueError(f"config.{key}={cfg[key]!r} does not exist")
+    if cfg.teacher:
+        check_pipeline_dir(cfg.teacher)
+    _validate_guidance(cfg)
+
+
+def _validate_guidance(cfg) -> None:
+    r, lrm = cfg.reward, cfg.lrm
+    if r.name:
+        parse_reward_expression(r.name)  # RewardError (a ValueError) names an unknown model
+    if r.beta < 0 or lrm.beta < 0:
+        raise ConfigValueError(f"reward.beta={r.beta} and lrm.beta={lrm.beta} must be >= 0")
+    if r.decode_microbatch < 0 or (r.decode_microbatch and cfg.per_device_batch % r.decode_microbatch):
+        raise ConfigValueError(f"reward.decode_microbatch={r.decode_microbatch} must be 0 or divide "
+                               f"per_device_batch={cfg.per_device_batch}")
+    if lrm.enabled and lrm.update and not r.name:
+        raise ConfigValueError("lrm.update=True fits the LRM to an expert reward model: set reward.name "
+                               "(e.g. hpsv2.1) and reward.path, or pass --config.lrm.update=False")
+    if lrm.enabled and lrm.update and "+" in r.name:
+        raise ConfigValueError(f"the LRM's expert must be one CLIP-cosine model, not the sum {r.name!r}")
+    if lrm.rows < 0:
+        raise ConfigValueError(f"lrm.rows={lrm.rows} must be >= 0 (0 = the whole batch)")
+    if not builds_own_inputs(cfg):
+        if r.name and not r.path:
+            raise ConfigValueError(f"reward.name={r.name!r} needs reward.path (the model folder)")
+        if lrm.enabled and not lrm.path:
+            raise ConfigValueError("lrm.enabled needs lrm.path (a LatentRewardModel folder, see configs/lrm_pretrain.py)")
+    paths = [p.split("=", 1)[-1] for p in r.path.split(",")] if r.path else []
+    for key, path in [("reward.path", p) for p in paths] + [("lrm.path", lrm.path)]:
+        if path and not os.path.exists(os.path.expanduser(path)):
+            raise ConfigValueError(f"config.{key}: {path!r} does not exist")
+
+
+def builds_own_inputs(cfg) -> bool:
+    """True for the variant that needs no user paths: tiny (random models built in the workdir)."""
+    return cfg.variant == "tiny"
+
+
+def resolve_inputs(cfg, workdir: str) -> tuple[str, str]:
+    """(teacher folder, data folder), absolute; the tiny variant builds what is not given inside the workdir once
+    (`jaxlcd.tiny`)."""
+    teacher, data = cfg.teacher, cfg.data_dir
+    if cfg.variant == "tiny":
+        if not teacher:
+            teacher = os.path.join(workdir, "tiny_teacher")
+            if not os.path.isfile(os.path.join(teacher, "model_index.json")):
+                tiny.write_teacher_folder(teacher, seed=cfg.seed)
+        if not data:
+            data = os.path.join(workdir, "tiny_data")
+            if not os.path.isdir(data):
+                tiny.write_image_folder(data, n=32, resolution=cfg.resolution, seed=cfg.seed)
+    return os.path.abspath(teacher), os.path.abspath(data)
+
+
+def prepare_data(data_dir: str, out_dir: str) -> str:
+    """The prepared training data for ``data_dir``: ``data_dir`` itself when it already holds a prepared dataset
+    (a tfds folder with dataset_info.json, e.g. from `jaxlcd.data.prepare_folder_dataset`), else an image-caption
+    folder prepared once into ``out_dir``. Returns the folder for `jaxlcd.data.make_train_iterator`."""
+    if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+        return data_dir
+    stats = data_lib.prepare_folder_dataset(data_dir, out_dir)
+    log.info("dataset: %d usable image-caption pairs; skipped while preparing: %s", stats["count"],
+             {k: v for k, v in stats["skipped"].items() if v} or "none")
+    return out_dir
+
+
+def resolve_reward_paths(cfg, workdir: str) -> tuple[str, str]:
+    """(reward path, LRM path); the tiny variant builds a tiny random CLIP / LRM in the workdir once."""
+    reward, lrm = cfg.reward.path, cfg.lrm.path
+    if cfg.variant == "tiny":
+        if cfg.reward.name and not reward:
+            reward = os.path.join(workdir, "tiny_reward")
+            if not os.path.isfile(os.path.join(reward, "config.json")):
+                tiny.write_reward_folder(reward, seed=cfg.seed + 2)
+        if cfg.lrm.enabled and not lrm:
+            lrm = os.path.join(workdir, "tiny_lrm")
+            if not os.path.isfile(os.path.join(lrm, "config.json")):
+                tiny.write_lrm_folder(lrm, cfg.resolution // 8, seed=cfg.seed + 3)
+    return reward, lrm
+
+
+@dataclasses.dataclass
+class Run:
+    """The models, frozen params, initial state and shardings of one training run."""
+    models: StepModels
+    teacher_dir: str
+    pipe: Any                  # jaxlcd.pipeline.Pipeline of the teacher (float32 params, for sampling/export)
+    frozen: dict               # teacher/vae/text params in the compute dtype + uncond_ctx
+    state: DistillState
+    state_shardings: Any
+    frozen_shardings: Any
+    mesh: Any
+    tx: Any
+    abar: jax.Array
+
+
+def build_run(cfg, teacher_dir: str, mesh) -> Run:
+    """Load the teacher, make the student (teacher + cond_proj) and the sharded initial state."""
+    dtype = DTYPES[cfg.compute_dtype]
+    pipe = load_pipeline(teacher_dir)
+    kind = pipe.prediction_type
+    student, student_params = add_cond_proj(pipe.unet, pipe.unet_params, cfg.lcd.w_embedding_dim,
+                                            jax.random.PRNGKey(cfg.seed + 1), cfg.lcd.zero_init_cond_proj)
+    as_dtype = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
+    r = cfg.reward
+    reward = load_reward(r.name, r.path, dtype=dtype, antialias=r.antialias, allow_pickle=r.allow_pickle) \
+        if r.name else None
+    lrm = load_lrm(cfg.lrm.path, dtype=dtype, allow_pickle=r.allow_pickle) if cfg.lrm.enabled else None
+    lrm_tx = make_lrm_optimizer(lrm.params, cfg.lrm.learning_rate, cfg.lrm.weight_decay, tuple(cfg.lrm.freeze)) \
+        if lrm is not None and cfg.lrm.update else None
+    if lrm_tx is not None and not reward.logit_scale > 0:
+        raise ConfigValueError(f"the LRM's expert {r.name!r} has no CLIP logit scale; use hpsv2.1, pickscore "
+                               "or clipscore")
+    models = StepModels(student=student.clone(dtype=dtype, remat=cfg.remat),
+                        teacher=pipe.unet.clone(dtype=dtype), vae=pipe.vae.clone(dtype=dtype),
+                        text=pipe.text_encoder.clone(dtype=dtype), prediction_type=kind,
+                        # params travel as frozen / state arguments; the models keep only their functions
+                        reward=dataclasses.replace(reward, params=None) if reward is not None else None,
+                        lrm=dataclasses.replace(lrm, params=None) if lrm is not None else None, lrm_tx=lrm_tx)
+    frozen = {"teacher": as_dtype(pipe.unet_params), "vae": as_dtype(pipe.vae_params),
+              "text": as_dtype(pipe.text_params), "uncond_ctx": encode_prompts(pipe, [""])}
+    if reward is not None:
+        frozen["reward"] = as_dtype(reward.params)
+    tx = make_optimizer(cfg.optim, cfg.total_steps)
+    init = lambda p, lp: create_state(p, tx, cfg.seed, lp, lrm_tx)
+    state, state_shardings = parallel.init_sharded(init, mesh, parallel.FSDP_RULES, student_params,
+                                                   lrm.params if lrm is not None else None)
+    frozen_rules = parallel.FSDP_RULES if cfg.shard_frozen == "fsdp" else parallel.REPLICATE_RULES
+    frozen_shardings = parallel.param_shardings(jax.eval_shape(lambda: frozen), mesh, frozen_rules)
+    frozen = jax.device_put(frozen, frozen_shardings)
+    return Run(models, teacher_dir, pipe, frozen, state, state_shardings, frozen_shardings, mesh, tx, pipe.abar)

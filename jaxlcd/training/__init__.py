@@ -1,0 +1,1 @@
+"""What every training job shares: the loop, typed state, optimizer factory, checkpoints, metrics, evaluators."""

@@ -1,0 +1,138 @@
+"""The one training loop of every jaxlcd job (distillation, LRM pretraining, the demo world's trainers).
+
+A job hands the loop a `Job` (its state, compiled-step function, data and evaluators); the loop owns the order:
+restore the newest checkpoint -> compile the step -> steps with metrics, checkpoints and evaluators -> last
+checkpoint. Rerunning in the same workdir resumes, data-iterator position included. A non-finite loss stops the run
+with `TrainingError` before anything is saved, so the last good checkpoint stays; SIGTERM saves and returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxlcd import parallel
+from jaxlcd.errors import TrainingError
+from jaxlcd.training import checkpoint
+from jaxlcd.training.evaluators import Evaluator
+from jaxlcd.training.metrics import MetricWriter, StopFlag
+
+log = logging.getLogger("jaxlcd")
+
+
+@dataclasses.dataclass
+class Job:
+    """What a training job gives the loop.
+
+    step_fn(state, frozen, batch) -> (state, metrics: dict of scalars with "loss", optionally "finite");
+    state / frozen: pytrees placed on ``state_shardings`` / ``frozen_shardings`` (``frozen``: params that do not
+    train, passed as arguments rather than baked into the executable); batches: host batches, checkpointable
+    (``get_state() -> JSON str`` / ``set_state``); make_batch(host batch) -> global device batch on ``mesh``;
+    examples_per_step: the global batch (for images/s); data_stats() -> dict of counters logged as data_skipped.
+    """
+    name: str
+    mesh: Any
+    state: Any
+    state_shardings: Any
+    step_fn: Callable
+    frozen: Any
+    frozen_shardings: Any
+    batches: Any
+    make_batch: Callable
+    examples_per_step: int
+    evaluators: Sequence[Evaluator] = ()
+    data_stats: Callable[[], dict] | None = None
+
+
+@dataclasses.dataclass
+class Result:
+    state: Any
+    step: int          # the last step trained (== cfg.total_steps unless stopped by SIGTERM)
+    metrics: dict      # the last logged metrics (evaluator results included)
+
+
+def _check_finite(pending: list, first_step: int) -> None:
+    """Raise TrainingError at the first step whose loss (or gradient norm) was NaN/Inf."""
+    for i, m in enumerate(jax.device_get(pending)):
+        finite = bool(m["finite"]) if "finite" in m else bool(np.isfinite(m["loss"]))
+        if not finite:
+            extra = f", grad_norm={float(m['grad_norm'])}" if "grad_norm" in m else ""
+            raise TrainingError(
+                f"the loss or gradient became NaN/Inf at step {first_step + i} (loss={float(m['loss'])}{extra}); "
+                "stopping without saving, so the last good checkpoint is untouched. Lower the learning rate (or use "
+                "compute_dtype=float32) and resume.")
+
+
+def train(job: Job, cfg, workdir: str) -> Result:
+    """Run (or resume) ``job`` for ``cfg.total_steps`` steps in ``workdir``, with ``cfg.log_every``,
+    ``cfg.checkpoint_every`` and ``cfg.keep_checkpoints``."""
+    ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
+    start, state = ckpt.latest_step() or 0, job.state
+    if start:
+        state, data_state = ckpt.restore(start, checkpoint.abstract_like(state, job.state_shardings))
+        job.batches.set_state(data_state)
+        log.info("resumed from the checkpoint at step %d", start)
+    step_fn = jax.jit(job.step_fn, in_shardings=(job.state_shardings, job.frozen_shardings,
+                                                 parallel.batch_sharding(job.mesh)),
+                      out_shardings=(job.state_shardings, parallel.replicated(job.mesh)), donate_argnums=0)
+    writer, stopper, lead = MetricWriter(workdir), StopFlag(), jax.process_index() == 0
+    pending, last, t_window, step = [], {}, time.perf_counter(), start
+    bar = tqdm(total=cfg.total_steps, initial=start, desc=job.name, unit="step", dynamic_ncols=True, disable=not lead)
+    try:
+        while step < cfg.total_steps and not stopper.stop:
+            state, metrics = step_fn(state, job.frozen, job.make_batch(next(job.batches)))
+            pending.append(metrics)
+            step += 1
+            bar.update(1)
+            final = step == cfg.total_steps
+            at_log, at_ckpt = step % cfg.log_every == 0 or final, step % cfg.checkpoint_every == 0 or final
+            if at_log or at_ckpt:
+                _check_finite(pending, step - len(pending) + 1)
+                elapsed, n = time.perf_counter() - t_window, len(pending)
+                last = {k: float(v) for k, v in jax.device_get(pending[-1]).items() if k != "finite"}
+                last.update(steps_per_s=n / elapsed, images_per_s=n * job.examples_per_step / elapsed)
+                if job.data_stats is not None:
+                    last["data_skipped"] = sum(v for k, v in job.data_stats().items() if k != "examples")
+                writer.write(step, last)
+                bar.set_postfix(loss=f"{last['loss']:.4g}", img_s=f"{last['images_per_s']:.3g}")
+                pending, t_window = [], time.perf_counter()
+            if at_ckpt:
+                ckpt.save(step, state, json.loads(job.batches.get_state()))
+            scores = {}
+            for evaluator in job.evaluators:
+                if evaluator.due(step, final):
+                    scores.update(evaluator.run(state, step, final))
+            if scores:
+                writer.write(step, scores)
+                last.update(scores)
+                bar.write(f"{job.name} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+                t_window = time.perf_counter()   # evaluation time is not training time
+        if stopper.stop and step < cfg.total_steps:
+            _check_finite(pending, step - len(pending) + 1)
+            ckpt.save(step, state, json.loads(job.batches.get_state()))
+            log.warning("SIGTERM: saved the checkpoint at step %d and stopped; rerun the same command to resume", step)
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+        stopper.restore()
+    return Result(state, step, last)
+
+
+def single_model_job(name: str, cfg, state, step_fn: Callable, batches, make_batch: Callable, frozen=None,
+                     evaluators: Sequence[Evaluator] = ()) -> Job:
+    """A `Job` for the small trainers (LRM pretraining, the demo models): the mesh from ``cfg.mesh``, the state
+    placed by the fsdp rules (replicated when ``mesh.fsdp`` is 1), frozen params replicated;
+    ``make_batch(host batch, mesh)`` -> global batch."""
+    mesh = parallel.make_mesh(dict(cfg.mesh))
+    state, state_shardings = parallel.place(state, mesh)
+    frozen, frozen_shardings = parallel.place(frozen, mesh, parallel.REPLICATE_RULES) if frozen is not None \
+        else (None, None)
+    return Job(name, mesh, state, state_shardings, step_fn, frozen, frozen_shardings, batches,
+               lambda host: make_batch(host, mesh), cfg.per_device_batch * jax.device_count(), evaluators)
