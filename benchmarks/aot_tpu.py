@@ -193,14 +193,15 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxlcd import parallel
-    from jaxlcd.distill.state import create_state, make_optimizer
+    from jaxlcd.distill.state import create_state
+    from jaxlcd.training.optimizer import make_optimizer
     from jaxlcd.distill.step import make_train_step
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
     import rglcd  # configs/rglcd.py
 
     cfg = rglcd.get_config("sd21base,hps" if models.reward is not None else "sd21base")
-    tx = make_optimizer(cfg.optim)
+    tx = make_optimizer(cfg.optim, cfg.total_steps)
     abstract_state = jax.eval_shape(lambda p: create_state(p, tx, cfg.seed), student_params)
     state_sh = parallel.param_shardings(abstract_state, mesh, parallel.FSDP_RULES)
     frozen_rules = parallel.FSDP_RULES if frozen_mode == "fsdp" else parallel.REPLICATE_RULES

@@ -141,7 +141,7 @@ class JaxStep:
 
 # ------------------------------------------------------------------------------------------- torch side
 class TorchStep:
-    """The LCD step of rglcd.md section 2 in eager PyTorch (float32), models read from the teacher folder."""
+    """The LCD step of docs/algorithm.md section 2 in eager PyTorch (float32), models read from the teacher folder."""
 
     def __init__(self, cfg, teacher_dir: str, pixels: np.ndarray, ids: np.ndarray, uncond_ids: np.ndarray,
                  device: str = "cpu"):

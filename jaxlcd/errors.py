@@ -20,3 +20,7 @@ class ConfigKeyError(InputError):
 
 class TrainingError(JaxlcdError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is left untouched."""
+
+
+class MissingFileError(JaxlcdError, FileNotFoundError):
+    """A file or folder jaxlcd was pointed at does not exist or lacks what it needs."""

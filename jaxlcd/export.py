@@ -19,6 +19,7 @@ import numpy as np
 from jaxlcd.pipeline import PipelineError, check_pipeline_dir, read_model_index
 from jaxlcd.diffusion.schedule import read_scheduler_config
 from jaxlcd.loaders import load_component, save_component
+from jaxlcd.errors import InputError, JaxlcdError
 
 # Keys copied from the teacher's scheduler config into the LCMScheduler config (when present).
 _TEACHER_SCHEDULER_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -35,9 +36,9 @@ def add_cond_proj(unet_module, params, w_dim: int = 256, rng=None, zero_init: bo
     """
     cfg = unet_module.config
     if cfg.time_cond_proj_dim:
-        raise ValueError(f"the UNet already has time_cond_proj_dim={cfg.time_cond_proj_dim}; it is a student already")
+        raise InputError(f"the UNet already has time_cond_proj_dim={cfg.time_cond_proj_dim}; it is a student already")
     if w_dim < 1:
-        raise ValueError(f"w_dim must be positive, got {w_dim}")
+        raise InputError(f"w_dim must be positive, got {w_dim}")
     student = unet_module.clone(config=dataclasses.replace(cfg, time_cond_proj_dim=int(w_dim)))
     ref = params["time_embedding"]["linear_1"]["kernel"]
     shape = (int(w_dim), int(ref.shape[0]))
@@ -78,9 +79,9 @@ def export_student_pipeline(out_dir: str, teacher_dir: str, unet_module, student
     ``out_dir`` must not exist or be empty.
     """
     if not unet_module.config.time_cond_proj_dim:
-        raise ValueError("the student UNet has no time_cond_proj_dim; build it with jaxlcd.export.add_cond_proj")
+        raise InputError("the student UNet has no time_cond_proj_dim; build it with jaxlcd.export.add_cond_proj")
     if np.dtype(dtype) not in (np.float32, np.float16):
-        raise ValueError(f"export dtype must be float32 or float16, got {np.dtype(dtype).name}")
+        raise InputError(f"export dtype must be float32 or float16, got {np.dtype(dtype).name}")
     index = read_model_index(teacher_dir)
     teacher_sched = read_scheduler_config(teacher_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -116,11 +117,12 @@ def export_checkpoint(workdir: str, out_dir: str, step=None, which: str = "stude
     """
     import ml_collections
 
+    from jaxlcd.distill.state import create_state
     from jaxlcd.training import checkpoint
-    from jaxlcd.distill.state import create_state, make_optimizer
+    from jaxlcd.training.optimizer import make_optimizer
 
     if which not in ("student", "target"):
-        raise ValueError(f"which must be 'student' or 'target', got {which!r}")
+        raise InputError(f"which must be 'student' or 'target', got {which!r}")
     cfg = ml_collections.ConfigDict(checkpoint.load_config_dict(workdir))
     ckpt = checkpoint.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=False)
     step = ckpt.latest_step() if step is None else step
@@ -128,7 +130,7 @@ def export_checkpoint(workdir: str, out_dir: str, step=None, which: str = "stude
         raise PipelineError(f"{workdir!r} holds no checkpoint yet")
     teacher, teacher_params = load_component(os.path.join(cfg.teacher, "unet"))
     student, student_params = add_cond_proj(teacher, teacher_params, cfg.lcd.w_embedding_dim)
-    abstract = jax.eval_shape(lambda: create_state(student_params, make_optimizer(cfg.optim), cfg.seed))
+    abstract = jax.eval_shape(lambda: create_state(student_params, make_optimizer(cfg.optim, cfg.total_steps), cfg.seed))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     state, _ = ckpt.restore(step, jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract))
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         out = export_checkpoint(args.workdir, args.out, args.step, args.which, np.dtype(args.dtype))
-    except (ValueError, FileNotFoundError) as e:
+    except JaxlcdError as e:
         print(f"jaxlcd.export: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jaxlcd.errors import InputError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -52,18 +53,18 @@ def make_mesh(shape: Mapping[str, int] = {"data": -1, "fsdp": 1, "tensor": 1}, d
     shape = dict(shape.items())
     unknown = sorted(set(shape) - set(AXES))
     if unknown:
-        raise ValueError(f"Mesh axes {unknown} are unknown; the mesh axes are {list(AXES)}.")
+        raise InputError(f"Mesh axes {unknown} are unknown; the mesh axes are {list(AXES)}.")
     sizes = [int(shape.get(a, 1)) for a in AXES]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"Mesh shape {dict(zip(AXES, sizes))} must hold positive sizes and at most one -1.")
+        raise InputError(f"Mesh shape {dict(zip(AXES, sizes))} must hold positive sizes and at most one -1.")
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n % fixed:
-            raise ValueError(f"Mesh shape {dict(zip(AXES, sizes))}: the fixed axes' product {fixed} does not "
+            raise InputError(f"Mesh shape {dict(zip(AXES, sizes))}: the fixed axes' product {fixed} does not "
                              f"divide the {n} devices.")
         sizes[sizes.index(-1)] = n // fixed
     elif fixed != n:
-        raise ValueError(f"Mesh shape {dict(zip(AXES, sizes))} has product {fixed} but there are {n} devices; "
+        raise InputError(f"Mesh shape {dict(zip(AXES, sizes))} has product {fixed} but there are {n} devices; "
                          f"make the product {n} or set one axis to -1.")
     return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 
@@ -114,16 +115,16 @@ def _spec_for(name: str, shape: tuple, mesh: Mesh, rules: Rules, min_fsdp_size: 
         return P()
     if isinstance(spec, P):
         if len(spec) > len(shape):
-            raise ValueError(f"Sharding rule {pattern!r} gives {spec} for {name!r} of shape {shape}: too many dims.")
+            raise InputError(f"Sharding rule {pattern!r} gives {spec} for {name!r} of shape {shape}: too many dims.")
         for dim, axes in zip(shape, spec):
             if axes is not None and dim % _axis_size(mesh, axes):
-                raise ValueError(f"Sharding rule {pattern!r} splits a dim of size {dim} of {name!r} {shape} over "
+                raise InputError(f"Sharding rule {pattern!r} splits a dim of size {dim} of {name!r} {shape} over "
                                  f"{axes} of size {_axis_size(mesh, axes)}, which does not divide it.")
         return spec
     if spec == "replicate":
         return P()
     if spec != "fsdp":
-        raise ValueError(f"Sharding rule {pattern!r} has spec {spec!r}; use a PartitionSpec, 'fsdp' or 'replicate'.")
+        raise InputError(f"Sharding rule {pattern!r} has spec {spec!r}; use a PartitionSpec, 'fsdp' or 'replicate'.")
     k = mesh.shape["fsdp"]
     if k == 1 or math.prod(shape) < min_fsdp_size:
         return P()
@@ -195,7 +196,7 @@ def global_batch(host_batch: Mapping[str, Any], mesh: Mesh) -> dict:
         if arr.ndim == 0:
             return jax.make_array_from_process_local_data(replicated(mesh), arr)
         if arr.shape[0] % n_local:
-            raise ValueError(f"Batch entry {path_str(path)!r} has per-host batch {arr.shape[0]}, which is not "
+            raise InputError(f"Batch entry {path_str(path)!r} has per-host batch {arr.shape[0]}, which is not "
                              f"divisible by the {n_local} local devices on the ('data', 'fsdp') mesh axes; use a "
                              f"per-host batch size that is a multiple of {n_local}.")
         return jax.make_array_from_process_local_data(batch_sharding(mesh), arr)

@@ -139,7 +139,7 @@ def require_lcm(pipe: Pipeline) -> None:
 
 def sample_lcm(pipe: Pipeline, prompts: Sequence[str], num_steps: int = 4, guidance: float = 8.5, latents=None,
                rng=None, noises=None, timesteps: Optional[Sequence[int]] = None):
-    """Multistep LCM sampling (rglcd.md section 5), matching diffusers' LatentConsistencyModelPipeline.
+    """Multistep LCM sampling (docs/algorithm.md section 5), matching diffusers' LatentConsistencyModelPipeline.
 
     prompts: B strings; latents: initial noise [B,h,w,c] NHWC float32 (drawn from ``rng`` when None);
     timesteps: explicit descending list (else `schedule.lcm_timesteps(num_steps)`); guidance g (w = g - 1 is

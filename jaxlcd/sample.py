@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
-from jaxlcd.errors import InputError
+from jaxlcd.errors import InputError, JaxlcdError
 
 DEFAULTS = {"lcm": (4, 8.5), "ddim": (50, 7.5)}  # (steps, guidance) as diffusers' pipelines
 
@@ -173,15 +173,10 @@ def run(args) -> np.ndarray:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point; ``argv`` without the program name (default sys.argv[1:]). Returns 0 on success."""
-    from jaxlcd.diffusion.schedule import ScheduleError
-    from jaxlcd.models.config import ConfigError
-    from jaxlcd.pipeline import PipelineError
-    from jaxlcd.weights import WeightsError
-
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (UsageError, PipelineError, WeightsError, ConfigError, ScheduleError) as e:
+    except JaxlcdError as e:
         print(f"jaxlcd.sample: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return 0

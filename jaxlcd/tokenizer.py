@@ -20,6 +20,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from jaxlcd.errors import InputError, MissingFileError
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -31,12 +32,12 @@ _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 def _tokenizer_dir(path: str) -> str:
     """``path`` itself, or ``path/tokenizer`` when given a pipeline folder."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
+        raise MissingFileError(f"tokenizer directory {path!r} does not exist")
     has = lambda p, *names: all(os.path.isfile(os.path.join(p, n)) for n in names)
     if not has(path, "vocab.json") and not has(path, "tokenizer.json") and os.path.isdir(os.path.join(path, "tokenizer")):
         path = os.path.join(path, "tokenizer")
     if not (has(path, "vocab.json", "merges.txt") or has(path, "tokenizer.json")):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path!r} is not a CLIP tokenizer folder: it needs vocab.json + merges.txt or tokenizer.json. Use "
             "the pipeline's tokenizer/ folder, or write one with jaxlcd.tokenizer.build_clip_tokenizer_files(out_dir)")
     return path
@@ -95,7 +96,7 @@ def clip_vocab_and_merges(bpe_path: str | None = None) -> tuple[dict[str, int], 
         lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:_NUM_MERGES + 1]]
     if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
-        raise ValueError(f"{bpe_path} does not hold {_NUM_MERGES} BPE merges; is it a CLIP BPE file?")
+        raise InputError(f"{bpe_path} does not hold {_NUM_MERGES} BPE merges; is it a CLIP BPE file?")
     tokens = list(_bytes_to_unicode().values())
     tokens += [t + "</w>" for t in tokens]
     tokens += ["".join(m) for m in merges]
@@ -114,7 +115,7 @@ def build_clip_tokenizer_files(out_dir: str, pad_token: str = EOS_TOKEN, max_len
     """
     vocab, merges = clip_vocab_and_merges()
     if pad_token not in vocab:
-        raise ValueError(f"pad_token {pad_token!r} is not in the CLIP vocabulary; use {EOS_TOKEN!r} or '!'")
+        raise InputError(f"pad_token {pad_token!r} is not in the CLIP vocabulary; use {EOS_TOKEN!r} or '!'")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)

@@ -20,10 +20,10 @@ def _stored_bytes(root: str) -> int:
 
 
 def test_shipped_models_fit_the_size_budget_and_store_the_tokenizer_once():
-    assert _stored_bytes(ASSETS) <= 41 * 2**20  # issue 7: all together at most ~40 MB
+    assert _stored_bytes(ASSETS) <= 41 * 2**20  # all together at most ~40 MB
     for name in demo.MODELS:
         for root, _, files in os.walk(demo.demo_path(name)):
-            for f in set(files) & set(demo.SHARED_TOKENIZER_FILES):
+            for f in set(files) & set(shipping.SHARED_TOKENIZER_FILES):
                 path = os.path.join(root, f)
                 assert os.path.isfile(path), f"{path} is a dangling link"
                 assert os.path.islink(path) == (name != "clip"), path
@@ -33,12 +33,12 @@ def test_link_shared_tokenizer_files(tmp_path):
     for sub, text in (("clip", "same"), ("teacher/tokenizer", "same"), ("scorer", "different")):
         os.makedirs(tmp_path / sub)
         (tmp_path / sub / "vocab.json").write_text(text)
-    linked = demo.link_shared_tokenizer_files(str(tmp_path))
+    linked = shipping.link_shared_tokenizer_files(str(tmp_path))
     assert linked == [str(tmp_path / "teacher" / "tokenizer" / "vocab.json")]
     assert os.readlink(linked[0]) == os.path.join("..", "..", "clip", "vocab.json")
     assert (tmp_path / "teacher" / "tokenizer" / "vocab.json").read_text() == "same"
     assert not os.path.islink(tmp_path / "scorer" / "vocab.json")
-    assert demo.link_shared_tokenizer_files(str(tmp_path)) == []  # idempotent
+    assert shipping.link_shared_tokenizer_files(str(tmp_path)) == []  # idempotent
 
 
 def test_shipped_teacher_samples_in_diffusers_like_jaxlcd():

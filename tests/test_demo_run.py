@@ -1,5 +1,5 @@
 """The default job (the demo world) end to end, shortened: RG-LCD with the shipped models, then the evaluation table
-and grids (issue 7). The LCD baseline is the same loop without a reward (tests/test_train.py); here it is skipped to
+and grids. The LCD baseline is the same loop without a reward (tests/test_train.py); here it is skipped to
 keep the default suite short, and `baseline_config` is checked directly."""
 import json
 import os
@@ -35,12 +35,12 @@ def test_shortened_demo_job_trains_and_writes_the_table(tmp_path):
 
 
 def test_eval_refuses_a_workdir_without_a_run_in_one_sentence(tmp_path, capsys):
-    from jaxlcd import eval as eval_lib
+    from jaxlcd import eval as eval_cli
 
-    assert eval_lib.main(["--workdir", str(tmp_path)]) == 2
+    assert eval_cli.main(["--workdir", str(tmp_path)]) == 2
     assert "holds no jaxlcd run" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps({"teacher": "/nowhere"}))
-    assert eval_lib.main(["--workdir", str(tmp_path)]) == 2
+    assert eval_cli.main(["--workdir", str(tmp_path)]) == 2
     assert "no exported student" in capsys.readouterr().err
 
 
@@ -55,7 +55,7 @@ def test_demo_variants_refuse_a_guidance_suffix():
     assert cfg.reward.name == "clipscore" and cfg.demo.baselines == ("lcd",) and not cfg.lrm.enabled
     assert load_config("demo_lrm").lrm.enabled and load_config("demo_lcd").reward.name == ""
     assert (cfg.lcd.w_min, cfg.lcd.w_max) == (1.0, 3.0) and load_config("sd21base").lcd.w_max == 15.0
-    from jaxlcd.demo import baseline_config
+    from jaxlcd.demo.job import baseline_config
 
     lcd = baseline_config(cfg, "lcd")
     assert lcd.reward.name == "" and not lcd.lrm.enabled and lcd.demo.baselines == () and lcd.demo.eval_prompts == 0
@@ -67,7 +67,7 @@ def test_demo_variants_refuse_a_guidance_suffix():
 
 
 def test_eval_generates_the_same_images_in_chunks_as_in_one_batch(tmp_path, monkeypatch):
-    from jaxlcd import eval as eval_lib
+    from jaxlcd.demo import evaluate as eval_lib
     from tiny_pipeline import make_pipeline_dir
 
     student = make_pipeline_dir(str(tmp_path / "lcm"), unet_extra={"time_cond_proj_dim": 32})

@@ -1,4 +1,4 @@
-"""Check values of rglcd.md sections 1, 2 and 5, and agreement with diffusers' schedulers."""
+"""Check values of docs/algorithm.md sections 1, 2 and 5, and agreement with diffusers' schedulers."""
 import diffusers
 import jax
 import jax.numpy as jnp

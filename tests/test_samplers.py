@@ -89,7 +89,7 @@ def test_lcd_loss_matches_pytorch_computation(unets, kind):
     t_start, w = torch.tensor([19, 259, 619, 999]), torch.tensor([5.0, 7.5, 11.0, 15.0])
     t_end = torch.clamp(t_start - 20, min=0)
 
-    # --- independent PyTorch computation (diffusers UNets + the formulas of rglcd.md) ---
+    # --- independent PyTorch computation (diffusers UNets + the formulas of docs/algorithm.md) ---
     abar = diffusers.DDIMScheduler(**SD_SCHEDULE).alphas_cumprod.double()
     col = lambda v: v.double().view(-1, 1, 1, 1)
     a_s, a_e = col(abar[t_start]), col(abar[t_end])

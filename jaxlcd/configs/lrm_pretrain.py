@@ -13,6 +13,7 @@ with the same VAE and resolution as the distillation. Reference run (docs/algori
 batch 480, 32 epochs; set total_steps = 32 * images / 480 for your dataset.
 """
 import ml_collections
+from jaxlcd.errors import InputError
 
 VARIANTS = ("demo", "tiny", "sd15", "sd21base", "sd21")
 DEMO_TEXT = {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
@@ -26,7 +27,7 @@ DEMO_LRM = {"arch": "latent_vit", "projection_dim": 64, "text_config": DEMO_TEXT
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
-        raise ValueError(f"unknown config variant {arg!r}; known: {', '.join(VARIANTS)}")
+        raise InputError(f"unknown config variant {arg!r}; known: {', '.join(VARIANTS)}")
     c = ml_collections.ConfigDict()
     c.job = "jaxlcd.demo.job:pretrain_lrm" if arg == "demo" else "lrm_pretrain"  # demo: the shapes data + teacher
     c.variant = arg

@@ -23,6 +23,7 @@ normalised score by ~1, so ImageReward gets beta 0.1 and enters sums with weight
 is the reference's; the others are our starting points, not tuned values.
 """
 import ml_collections
+from jaxlcd.errors import InputError
 
 VARIANTS = ("demo", "demo_lcd", "demo_lrm", "tiny", "sd15", "sd21base", "sd21")
 DEMO_GUIDANCE = {"demo": "clipscore", "demo_lcd": "", "demo_lrm": "clipscore_lrm"}  # the demo variants' built-in guidance
@@ -38,18 +39,21 @@ VALIDATION_PROMPTS = ("a red circle on a blue background", "a photo of an astron
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
+    """The config of variant ``arg`` ("VARIANT[,GUIDANCE]"). One long function on purpose: every key is set once,
+    with its meaning, then each variant changes what it needs."""
     arg, _, guidance = arg.partition(",")
     if arg not in VARIANTS:
-        raise ValueError(f"unknown config variant {arg!r}; known: {', '.join(VARIANTS)}")
+        raise InputError(f"unknown config variant {arg!r}; known: {', '.join(VARIANTS)}")
     if arg in DEMO_GUIDANCE:
         if guidance:
-            raise ValueError(f"the demo variants set their own guidance; use demo, demo_lcd or demo_lrm, not {arg},"
+            raise InputError(f"the demo variants set their own guidance; use demo, demo_lcd or demo_lrm, not {arg},"
                              f"{guidance}")
         guidance = DEMO_GUIDANCE[arg]
     if guidance not in GUIDANCE:
-        raise ValueError(f"unknown guidance {guidance!r}; known: {', '.join(g for g in GUIDANCE if g)}")
+        raise InputError(f"unknown guidance {guidance!r}; known: {', '.join(g for g in GUIDANCE if g)}")
     c = ml_collections.ConfigDict()
-    c.job = "demo" if arg.startswith("demo") else "distill"  # distill | demo (jaxlcd.demo.job: baselines + eval)
+    # the job main runs: distillation, or for the demo variants the demo job (baselines, distillation, evaluation)
+    c.job = "jaxlcd.demo.job:run" if arg.startswith("demo") else "distill"
     c.variant = arg
     c.guidance = guidance
     c.teacher = ""                 # diffusers pipeline folder of the teacher ("" with tiny: built in workdir)

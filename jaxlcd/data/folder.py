@@ -27,6 +27,7 @@ from collections import Counter
 
 import tensorflow_datasets as tfds
 from PIL import Image
+from jaxlcd.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class FolderCaptions(tfds.core.GeneratorBasedBuilder):
             count += 1
             yield rel, {"image": data, "caption": caption, "file": rel}
         if count == 0:
-            raise ValueError(_no_usable_message(self._src_dir, self._skipped))
+            raise InputError(_no_usable_message(self._src_dir, self._skipped))
         self.info.metadata.update(_stats(count, self._skipped, self._src_dir))
 
 
@@ -183,7 +184,7 @@ def version_dir(data_dir: str, builder_name: str = BUILDER_NAME) -> str:
     if not versions:
         prepare = ("prepare_folder_dataset(src_dir, out_dir)" if builder_name == BUILDER_NAME
                    else f"prepare_{builder_name}_dataset(out_dir, ...)")
-        raise ValueError(f"no prepared dataset in {data_dir!r}: run jaxlcd.data.{prepare} and pass out_dir")
+        raise InputError(f"no prepared dataset in {data_dir!r}: run jaxlcd.data.{prepare} and pass out_dir")
     return os.path.join(root, max(versions, key=tfds.core.Version))
 
 
@@ -204,7 +205,7 @@ def prepare_folder_dataset(src_dir: str, out_dir: str, *, overwrite: bool = Fals
     Raises ValueError when ``src_dir`` is not a folder or holds no usable image-caption pair.
     """
     if not os.path.isdir(src_dir):
-        raise ValueError(f"image folder {src_dir!r} does not exist; pass a folder of images with captions")
+        raise InputError(f"image folder {src_dir!r} does not exist; pass a folder of images with captions")
     target = os.path.join(out_dir, BUILDER_NAME, str(FolderCaptions.VERSION))
     if os.path.isfile(os.path.join(target, "metadata.json")) and not overwrite:
         log.info("reusing the prepared dataset in %s (pass overwrite=True to rebuild)", target)
@@ -224,7 +225,7 @@ def prepare_folder_dataset(src_dir: str, out_dir: str, *, overwrite: bool = Fals
                 good.append((rel, caption))
         pairs = good
     if not pairs:
-        raise ValueError(_no_usable_message(src_dir, skipped))
+        raise InputError(_no_usable_message(src_dir, skipped))
     builder = FolderCaptions(src_dir=src_dir, pairs=pairs, skipped=skipped, data_dir=out_dir,
                              file_format="array_record")
     builder.download_and_prepare()

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 
 from jaxlcd.data.folder import version_dir
 from jaxlcd.tokenizer import tokenize
+from jaxlcd.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -187,14 +188,14 @@ def make_train_iterator(data_dir: str, *, tokenizer, resolution: int, batch_size
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
+        raise InputError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
     if resolution <= 0 or batch_size_per_host <= 0:
-        raise ValueError(f"resolution ({resolution}) and batch_size_per_host ({batch_size_per_host}) must be > 0")
+        raise InputError(f"resolution ({resolution}) and batch_size_per_host ({batch_size_per_host}) must be > 0")
     source = tfds.builder_from_directory(version_dir(data_dir)).as_data_source(
         "train", decoders={"image": tfds.decode.SkipDecoding()})
     per_shard = len(source) // shard_count
     if per_shard < batch_size_per_host:
-        raise ValueError(f"{data_dir!r} has {len(source)} records, {per_shard} per host for {shard_count} hosts: "
+        raise InputError(f"{data_dir!r} has {len(source)} records, {per_shard} per host for {shard_count} hosts: "
                          f"fewer than one batch of {batch_size_per_host}; lower the batch size or add images")
     ds = grain.MapDataset.source(source)[: per_shard * shard_count][shard_index::shard_count]
     ds = ds.shuffle(seed=seed % 2**32).repeat(num_epochs)

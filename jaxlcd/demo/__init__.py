@@ -17,7 +17,8 @@ import os
 from jaxlcd.errors import InputError
 
 # JAXLCD_DEMO_DIR points the demo variants and jaxlcd.eval at another set of demo models (e.g. freshly retrained).
-DEMO_DIR = os.environ.get("JAXLCD_DEMO_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
+DEMO_DIR = os.environ.get("JAXLCD_DEMO_DIR") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "demo")
 MODELS = ("teacher", "clip", "scorer", "judge", "lrm")
 
 

@@ -29,6 +29,7 @@ from jaxlcd.demo import judge as judge_lib
 from jaxlcd.pipeline import load_pipeline, sample_ddim, sample_lcm
 from jaxlcd.rewards import load_reward
 from jaxlcd.sample import make_grid, to_uint8
+from jaxlcd.errors import InputError
 
 GRID_PROMPTS = 8  # prompts shown per row of the side-by-side grid
 EVAL_CHUNK = 64  # prompts per sampler call (images/s is measured at this batch size)
@@ -59,7 +60,7 @@ def _run_label(run_dir: str) -> str:
 def find_rows(workdir: str, steps: Sequence[int], teacher_steps: int = 50) -> list[Row]:
     """The rows for ``workdir``: real, teacher DDIM, then each exported student (workdir, workdir/baselines/*)."""
     if not os.path.isfile(os.path.join(workdir, "config.json")):
-        raise ValueError(f"{workdir!r} holds no jaxlcd run (no config.json); pass the --workdir of a finished run")
+        raise InputError(f"{workdir!r} holds no jaxlcd run (no config.json); pass the --workdir of a finished run")
     with open(os.path.join(workdir, "config.json")) as f:
         teacher = json.load(f)["teacher"]
     rows = [Row("real (rendered)", None, "real", 0), Row(f"teacher DDIM-{teacher_steps}", teacher, "ddim", teacher_steps)]
@@ -70,7 +71,7 @@ def find_rows(workdir: str, steps: Sequence[int], teacher_steps: int = 50) -> li
         if os.path.isfile(os.path.join(student, "model_index.json")):
             rows += [Row(f"{_run_label(run)} {n}-step", student, "lcm", n) for n in steps]
     if len(rows) == 2:
-        raise ValueError(f"no exported student in {workdir!r} (export/student); train it first")
+        raise InputError(f"no exported student in {workdir!r} (export/student); train it first")
     return rows
 
 

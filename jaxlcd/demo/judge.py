@@ -20,6 +20,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxlcd.demo.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene
+from jaxlcd.errors import InputError
 
 MODEL_TYPE = "jaxlcd_judge"
 IGNORE = -1  # label of a head that does not apply to a scene
@@ -175,15 +176,15 @@ def save_judge(module: Judge, params, out_dir: str, dtype=np.float16) -> None:
 def _read_config(out_dir: str) -> JudgeConfig:
     path = os.path.join(out_dir, "config.json")
     if not os.path.isfile(path):
-        raise ValueError(f"{out_dir!r} has no config.json, so it is not a saved judge.")
+        raise InputError(f"{out_dir!r} has no config.json, so it is not a saved judge.")
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
         if d.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}")
+            raise InputError(f"model_type is {d.get('model_type')!r}, not {MODEL_TYPE!r}")
         return JudgeConfig.from_dict(d)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path} is not a valid judge config ({e}).") from None
+        raise InputError(f"{path} is not a valid judge config ({e}).") from None
 
 
 def load_judge(out_dir: str) -> tuple[Judge, dict]:
@@ -192,22 +193,22 @@ def load_judge(out_dir: str) -> tuple[Judge, dict]:
     from safetensors.numpy import load_file
 
     if not os.path.isdir(out_dir):
-        raise ValueError(f"judge folder {out_dir!r} does not exist.")
+        raise InputError(f"judge folder {out_dir!r} does not exist.")
     module = Judge(_read_config(out_dir))
     path = os.path.join(out_dir, "model.safetensors")
     if not os.path.isfile(path):
-        raise ValueError(f"{out_dir!r} has no model.safetensors.")
+        raise InputError(f"{out_dir!r} has no model.safetensors.")
     try:
         tensors = load_file(path)
     except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{path} cannot be read as safetensors ({e}).") from None
+        raise InputError(f"{path} cannot be read as safetensors ({e}).") from None
     s = module.config.image_size
     expected = {".".join(k): v for k, v in flatten_dict(jax.eval_shape(
         module.init, jax.random.PRNGKey(0), jnp.zeros((1, s, s, 3), jnp.float32))["params"]).items()}
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != tuple(expected[k].shape))
     if missing or extra or wrong:
-        raise ValueError(f"{path} does not match its config: missing {missing}, unexpected {extra}, "
+        raise InputError(f"{path} does not match its config: missing {missing}, unexpected {extra}, "
                          f"wrong shapes {wrong}.")
     params = unflatten_dict({tuple(k.split(".")): jnp.asarray(v, jnp.float32) for k, v in tensors.items()})
     return module, params
@@ -222,7 +223,7 @@ def _apply(config: JudgeConfig):
 def _to_float(images: np.ndarray, size: int) -> np.ndarray:
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be [N,H,W,3], got shape {images.shape}.")
+        raise InputError(f"images must be [N,H,W,3], got shape {images.shape}.")
     x = images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else np.clip(images.astype(np.float32), 0, 1)
     if images.shape[1:3] != (size, size):
         x = np.asarray(jax.image.resize(x, (len(x), size, size, 3), "linear", antialias=True))

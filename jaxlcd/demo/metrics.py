@@ -9,13 +9,14 @@ import numpy as np
 import scipy.linalg
 
 from jaxlcd.demo.shapes import Scene, parse_caption
+from jaxlcd.errors import InputError
 
 log = logging.getLogger(__name__)
 
 
 def _pairs(predicted: list[Scene], prompts: list[str]) -> list[tuple[Scene, Scene]]:
     if len(predicted) != len(prompts):
-        raise ValueError(f"{len(predicted)} predicted scenes for {len(prompts)} prompts; they must match.")
+        raise InputError(f"{len(predicted)} predicted scenes for {len(prompts)} prompts; they must match.")
     return [(parse_caption(p).normalized(), s.normalized()) for s, p in zip(predicted, prompts)]
 
 
@@ -58,7 +59,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
     the real part of sqrtm is taken. Returns a float >= ~0."""
     a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
-        raise ValueError(f"feature sets must be [N,D] and [M,D] with N, M >= 2; got {a.shape} and {b.shape}.")
+        raise InputError(f"feature sets must be [N,D] and [M,D] with N, M >= 2; got {a.shape} and {b.shape}.")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     with warnings.catch_warnings():  # rank-deficient covariances (N < D) are expected; the result is checked below
@@ -84,7 +85,7 @@ def high_frequency_energy(images: np.ndarray, cutoff: float = 0.25) -> float:
     """
     x = np.asarray(images)
     if x.ndim != 4:
-        raise ValueError(f"images must be [N,H,W,C], got shape {x.shape}.")
+        raise InputError(f"images must be [N,H,W,C], got shape {x.shape}.")
     x = x.astype(np.float64) / 255.0 if x.dtype == np.uint8 else x.astype(np.float64)
     x = x - x.mean(axis=(1, 2), keepdims=True)
     power = (np.abs(np.fft.fft2(x, axes=(1, 2))) ** 2).sum(-1)  # [N,H,W]

@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
 from jaxlcd.data.folder import image_caption_features, version_dir
+from jaxlcd.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class Scene:
         if self.background in colours or len(set(colours)) != len(colours):
             problems.append("object colours must differ from each other and from the background")
         if problems:
-            raise ValueError(f"invalid scene {self}: " + "; ".join(problems))
+            raise InputError(f"invalid scene {self}: " + "; ".join(problems))
 
     def held_out_pairs(self) -> list[tuple[str, str]]:
         """The (shape, colour) pairs of this scene that are in HELD_OUT_PAIRS."""
@@ -150,7 +151,7 @@ def eval_scenes(n: int, seed: int = 0) -> list[Scene]:
             seen.add(scene)
             scenes.append(scene)
         if i > 100 * n + 1000:
-            raise ValueError(f"cannot draw {n} distinct held-out scenes")
+            raise InputError(f"cannot draw {n} distinct held-out scenes")
     return scenes
 
 
@@ -182,7 +183,7 @@ def _parse_object(words: list[str], text: str) -> tuple[str, str, str]:
     for vocab in (SHAPES, COLOURS, SIZES):
         hits = [w for w in words if w in vocab]
         if len(hits) != 1:
-            raise ValueError(f"cannot parse {text!r}: an object needs exactly one of {list(vocab)}, found {hits}")
+            raise InputError(f"cannot parse {text!r}: an object needs exactly one of {list(vocab)}, found {hits}")
         found.append(hits[0])
     return found[0], found[1], found[2]
 
@@ -197,19 +198,19 @@ def parse_caption(text: str) -> Scene:
     words = re.findall(r"[a-z]+", text.lower())
     bg = [i for i in range(1, len(words)) if words[i] == "background" and words[i - 1] in COLOURS]
     if len(bg) != 1:
-        raise ValueError(f"cannot parse {text!r}: it needs exactly one '<colour> background'")
+        raise InputError(f"cannot parse {text!r}: it needs exactly one '<colour> background'")
     background, words = words[bg[0] - 1], words[:bg[0] - 1] + words[bg[0] + 1:]
     rels = [(i, 2) for i in range(len(words) - 1) if words[i] in ("left", "right") and words[i + 1] == "of"]
     rels += [(i, 1) for i, w in enumerate(words) if w in ("above", "below")]
     positions = [w for w in words if w in POSITIONS]
     if len(rels) > 1 or (rels and len(positions) > sum(n == 2 for _, n in rels)):
-        raise ValueError(f"cannot parse {text!r}: ambiguous relation / position words")
+        raise InputError(f"cannot parse {text!r}: ambiguous relation / position words")
     if rels:
         (i, n), = rels
         objects = tuple(Obj(*_parse_object(part, text)) for part in (words[:i], words[i + n:]))
         return Scene(background, objects, " ".join(words[i:i + n]))
     if len(positions) != 1:
-        raise ValueError(f"cannot parse {text!r}: one object needs exactly one of {list(POSITIONS)}")
+        raise InputError(f"cannot parse {text!r}: one object needs exactly one of {list(POSITIONS)}")
     return Scene(background, (Obj(*_parse_object(words, text), positions[0]),))
 
 
@@ -224,7 +225,7 @@ def parse_hard_negative_kinds(spec: str) -> tuple[str, ...]:
 
 def _checked_kinds(kinds: tuple[str, ...]) -> tuple[str, ...]:
     if not kinds or set(kinds) - set(HARD_NEGATIVE_KINDS):
-        raise ValueError(f"hard negative kinds {kinds} must be among {HARD_NEGATIVE_KINDS}")
+        raise InputError(f"hard negative kinds {kinds} must be among {HARD_NEGATIVE_KINDS}")
     return kinds
 
 
@@ -238,7 +239,7 @@ def hard_negative(scene: Scene, rng: np.random.Generator, kinds: tuple[str, ...]
         negative = _one_attribute_changed(scene, rng, str(rng.choice(kinds)))
         if not negative.held_out_pairs():
             return negative
-    raise ValueError(f"no hard negative of {scene} without a held-out pair")
+    raise InputError(f"no hard negative of {scene} without a held-out pair")
 
 
 def _one_attribute_changed(scene: Scene, rng: np.random.Generator, kind: str) -> Scene:
@@ -367,14 +368,14 @@ def prepare_shapes_dataset(out_dir: str, *, num_examples: int, resolution: int =
     ValueError unless ``overwrite``.
     """
     if num_examples <= 0 or resolution <= 0:
-        raise ValueError(f"num_examples ({num_examples}) and resolution ({resolution}) must be > 0")
+        raise InputError(f"num_examples ({num_examples}) and resolution ({resolution}) must be > 0")
     target = os.path.join(out_dir, BUILDER_NAME, str(Shapes.VERSION))
     wanted = {"count": num_examples, "resolution": resolution, "seed": seed, "builder": BUILDER_NAME}
     if os.path.isfile(os.path.join(target, "metadata.json")) and not overwrite:
         with open(os.path.join(target, "metadata.json"), encoding="utf-8") as f:
             stats = json.load(f)
         if stats != wanted:
-            raise ValueError(f"{target} holds a shapes dataset with {stats}, not {wanted}; pass overwrite=True")
+            raise InputError(f"{target} holds a shapes dataset with {stats}, not {wanted}; pass overwrite=True")
         log.info("reusing the prepared shapes dataset in %s", target)
         return stats
     if os.path.isdir(target):

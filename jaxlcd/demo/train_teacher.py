@@ -38,6 +38,7 @@ from jaxlcd.training.state import TrainState
 from jaxlcd.tiny import SD_DDIM_SCHEDULER, write_pipeline_index
 from jaxlcd.demo.train_vae import demo_judge_dir
 from jaxlcd.loaders import load_component, save_component
+from jaxlcd.errors import InputError
 
 log = logging.getLogger("jaxlcd")
 
@@ -48,7 +49,7 @@ def assemble_teacher(out_dir: str, vae_dir: str, clip_dir: str, unet_config: dic
     scheduler (SD's DDIM config with ``prediction_type``), and a freshly initialised UNet of ``unet_config``."""
     for key, path in (("vae", vae_dir), ("clip", clip_dir)):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"config.{key}={path!r} is not a model folder (no config.json); train it first")
+            raise InputError(f"config.{key}={path!r} is not a model folder (no config.json); train it first")
     shutil.copytree(vae_dir, os.path.join(out_dir, "vae"), dirs_exist_ok=True)
     clip_module, clip_params = load_component(clip_dir)
     text_config = dict(clip_module.config.text_config.to_dict(), architectures=["CLIPTextModel"])
@@ -68,7 +69,7 @@ def initial_unet_params(path: str, unet) -> dict:
         path = os.path.join(path, "unet")
     module, params = load_component(path)
     if module.config != unet.config:
-        raise ValueError(f"config.init_from={path!r} holds a UNet whose config differs from config.unet; "
+        raise InputError(f"config.init_from={path!r} holds a UNet whose config differs from config.unet; "
                          "make config.unet match it")
     return params
 

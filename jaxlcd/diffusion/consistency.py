@@ -1,4 +1,4 @@
-"""Latent consistency distillation mathematics (rglcd.md section 2), pure and jittable.
+"""Latent consistency distillation mathematics (docs/algorithm.md section 2), pure and jittable.
 
 Conventions: latents NHWC float32; per-example scalars have shape [B]; ``abar`` is the float32
 alphas_cumprod table [T] (see `schedule.alphas_cumprod`); guidance w in the LCM convention
@@ -135,7 +135,7 @@ def cd_distance(pred, target, loss: str = "huber", huber_c: float = HUBER_C):
 
 def lcd_loss(student: Callable, target_net: Callable, teacher: Callable, z0, noise, t_start, t_end, w,
              ctx, uncond_ctx, abar, kind: str, w_dim: int, loss: str = "huber", huber_c: float = HUBER_C) -> LCDOutput:
-    """The LCD objective of rglcd.md section 2 for one batch (arguments as `lcd_target`; student like target_net)."""
+    """The LCD objective of docs/algorithm.md section 2 for one batch (arguments as `lcd_target`; student like target_net)."""
     tgt = lcd_target(target_net, teacher, z0, noise, t_start, t_end, w, ctx, uncond_ctx, abar, kind, w_dim)
     pred = student_consistency(student, tgt.z, t_start, ctx, tgt.w_emb, abar, kind)
     return LCDOutput(cd_distance(pred, tgt.target, loss, huber_c), pred, tgt.target, tgt.x_prev)

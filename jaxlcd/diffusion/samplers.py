@@ -17,7 +17,7 @@ from jaxlcd.diffusion.consistency import consistency_fn, guidance_embedding
 
 def lcm_sample(unet: Callable, z, ctx, timesteps: Sequence[int], abar, kind: str, guidance: float,
                w_dim: int, noises: Optional[jax.Array] = None, rng=None):
-    """LCM multistep sampling (rglcd.md section 5); one UNet call per step, no CFG, as one lax.scan.
+    """LCM multistep sampling (docs/algorithm.md section 5); one UNet call per step, no CFG, as one lax.scan.
 
     unet(z, t [B], ctx, w_emb) -> raw output. z [B,h,w,c] initial noise; ctx [B,L,D]; timesteps: static
     descending list; abar [T] float32; guidance g (w = g - 1 is embedded); noises [S-1,B,h,w,c] for

@@ -1,4 +1,4 @@
-"""Noise schedules and timestep grids, read from a diffusers scheduler config (rglcd.md sections 1, 2, 5).
+"""Noise schedules and timestep grids, read from a diffusers scheduler config (docs/algorithm.md sections 1, 2, 5).
 
 Schedules are computed once on the host in float64 numpy; samplers index them with static or traced
 timesteps after casting to float32.

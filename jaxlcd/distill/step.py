@@ -1,4 +1,4 @@
-"""THE compiled training step: (reward-guided) latent consistency distillation (rglcd.md sections 2-4).
+"""THE compiled training step: (reward-guided) latent consistency distillation (docs/algorithm.md sections 2-4).
 
 One pure function of (state, frozen params, batch) -> (state, metrics). Jit it with the state donated (see
 `train.loop`). The student's gradient is one pull-back through the student of the summed latent-space
@@ -20,6 +20,7 @@ from jaxlcd.models import vae as vae_lib
 from jaxlcd.rewards.base import RewardModel
 from jaxlcd.rewards.lrm import LatentReward, pairwise_preference_loss
 from jaxlcd.distill.state import DistillState
+from jaxlcd.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ def decode_images(vae, vae_params, latents, microbatch: int = 0):
     if not microbatch or microbatch >= b:
         return decode(latents)
     if b % microbatch:
-        raise ValueError(f"reward.decode_microbatch={microbatch} must divide the per-step batch {b}")
+        raise InputError(f"reward.decode_microbatch={microbatch} must divide the per-step batch {b}")
     images = jax.lax.map(decode, latents.reshape((b // microbatch, microbatch) + latents.shape[1:]))
     return images.reshape((b,) + images.shape[2:])
 
@@ -73,6 +74,9 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
            {"lrm_tokens": models.lrm.tokenize(captions)}.
     lcd / reward_cfg / lrm_cfg: the config's ``lcd``, ``reward`` (beta, decode_microbatch) and ``lrm``
     (beta, rows) sections; abar: alphas_cumprod [T] float32.
+
+    The step is one function on purpose (about 100 lines): it reads top-down like docs/algorithm.md sections 2-4
+    (noise, teacher CFG target, consistency loss, reward or LRM term, update, EMA, online LRM update).
     """
     m = models
     num_train = abar.shape[0]

@@ -38,6 +38,7 @@ from jaxlcd.models.config import ConfigError, ModelConfig, require
 from jaxlcd.models.layers import activation, attention, conv, layer_norm, maybe_remat
 from jaxlcd.weights import io, tables
 from jaxlcd.weights.tables import WeightsError
+from jaxlcd.errors import InputError, MissingFileError
 
 Dtype = Any
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)    # CLIP normalisation used by ImageReward's preprocess
@@ -167,7 +168,7 @@ class VisionTransformer(nn.Module):
     def __call__(self, pixels):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if pixels.ndim != 4 or pixels.shape[1:] != (c.image_size, c.image_size, 3):
-            raise ValueError(f"ImageReward: pixels must be [batch, {c.image_size}, {c.image_size}, 3] (NHWC), "
+            raise InputError(f"ImageReward: pixels must be [batch, {c.image_size}, {c.image_size}, 3] (NHWC), "
                              f"got shape {pixels.shape}")
         x = conv(c.width, c.patch_size, "patch_embed.proj", stride=c.patch_size, padding="VALID", **kw)(
             pixels.astype(self.dtype))
@@ -236,7 +237,7 @@ class BertModel(nn.Module):
     def __call__(self, input_ids, attention_mask, image_embeds):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if input_ids.ndim != 2 or input_ids.shape[1] > c.max_position_embeddings:
-            raise ValueError(f"ImageReward: input_ids must be [batch, length <= {c.max_position_embeddings}], "
+            raise InputError(f"ImageReward: input_ids must be [batch, length <= {c.max_position_embeddings}], "
                              f"got shape {input_ids.shape}")
         f32 = dict(dtype=jnp.float32, param_dtype=self.param_dtype)  # embeddings summed and normed in fp32
         x = nn.Embed(c.vocab_size, c.hidden_size, name="embeddings.word_embeddings", **f32)(input_ids)
@@ -359,7 +360,7 @@ def imagereward_tokenizer(vocab_file: Optional[str] = None):
 
     path = vocab_file or VOCAB_ASSET
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"vocabulary file {path!r} does not exist")
+        raise MissingFileError(f"vocabulary file {path!r} does not exist")
     tok = BertTokenizer(vocab=_read_vocab(path), do_lower_case=True, model_max_length=512)
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})

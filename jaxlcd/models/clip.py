@@ -38,6 +38,7 @@ from jaxlcd.models.config import ConfigError, ModelConfig, require
 from jaxlcd.weights import io, tables
 from jaxlcd.weights.spec import ComponentSpec, param_shapes
 from jaxlcd.weights.tables import WeightsError
+from jaxlcd.errors import InputError
 
 Dtype = Any
 
@@ -129,7 +130,7 @@ class CLIPVisionEmbeddings(nn.Module):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, h, w, ch = pixel_values.shape
         if (h, w, ch) != (c.image_size, c.image_size, c.num_channels):
-            raise ValueError(f"CLIP vision: pixel_values must be [B, {c.image_size}, {c.image_size}, "
+            raise InputError(f"CLIP vision: pixel_values must be [B, {c.image_size}, {c.image_size}, "
                              f"{c.num_channels}] (NHWC), got {tuple(pixel_values.shape)}")
         p = c.patch_size
         x = nn.Conv(c.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False,
@@ -199,7 +200,7 @@ class CLIPModel(nn.Module):
         """
         tc = self.config.text_config
         if input_ids.ndim != 2 or input_ids.shape[1] > tc.max_position_embeddings:
-            raise ValueError(f"CLIP text: input_ids must be [batch, length <= {tc.max_position_embeddings}], "
+            raise InputError(f"CLIP text: input_ids must be [batch, length <= {tc.max_position_embeddings}], "
                              f"got shape {tuple(input_ids.shape)}")
         last, _ = self.text_model(input_ids)
         return self.text_projection(pool_text(last, input_ids, self.config.text_pool, tc.eos_token_id))

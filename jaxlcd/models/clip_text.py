@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jaxlcd.models.config import ConfigError, ModelConfig, require
 from jaxlcd.models.layers import activation, attention, layer_norm, maybe_remat
 from jaxlcd.weights.spec import ComponentSpec
+from jaxlcd.errors import InputError
 
 Dtype = Any
 SUPPORTED_ACTS = ("quick_gelu", "gelu", "gelu_new")
@@ -201,9 +202,9 @@ class CLIPTextModel(nn.Module):
         encoder layer *without* the final LayerNorm. Clip-skip users apply `final_norm` themselves.
         """
         if input_ids.ndim != 2:
-            raise ValueError(f"CLIPTextModel: input_ids must be [batch, length], got shape {input_ids.shape}")
+            raise InputError(f"CLIPTextModel: input_ids must be [batch, length], got shape {input_ids.shape}")
         if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"CLIPTextModel: sequence length {input_ids.shape[1]} exceeds "
+            raise InputError(f"CLIPTextModel: sequence length {input_ids.shape[1]} exceeds "
                              f"max_position_embeddings={self.config.max_position_embeddings}")
         last, states = self.text_model(input_ids)
         return (last, states[-2]) if output_penultimate else last

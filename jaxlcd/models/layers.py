@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jaxlcd.errors import InputError
 
 Dtype = Any
 
@@ -71,7 +72,7 @@ def activation(name: str):
             "gelu_new": lambda x: nn.gelu(x, approximate=True), "relu": nn.relu,
             "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x)}
     if name not in acts:
-        raise ValueError(f"unsupported activation {name!r}; known: {sorted(acts)}")
+        raise InputError(f"unsupported activation {name!r}; known: {sorted(acts)}")
     return acts[name]
 
 

@@ -1,4 +1,4 @@
-"""The latent proxy reward model (LRM, rglcd.md section 4): a CLIP whose image tower reads SD latents.
+"""The latent proxy reward model (LRM, docs/algorithm.md section 4): a CLIP whose image tower reads SD latents.
 
 ``arch="latent_vit"``: a CLIP ViT over unscaled latents (4 channels; for 512 px images 64 x 64 latents,
 patch 4 -> 256 tokens + CLS, width 512, 12 layers, 8 heads) + ``visual_projection``;

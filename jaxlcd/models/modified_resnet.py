@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxlcd.models.config import ConfigError, ModelConfig
 from jaxlcd.models.layers import attention, maybe_remat
+from jaxlcd.errors import InputError
 
 Dtype = Any
 EXPANSION = 4
@@ -176,7 +177,7 @@ class ModifiedResNet(nn.Module):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         want = (c.image_size, c.image_size, c.in_channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"ModifiedResNet: input must be [batch, {c.image_size}, {c.image_size}, "
+            raise InputError(f"ModifiedResNet: input must be [batch, {c.image_size}, {c.image_size}, "
                              f"{c.in_channels}] (NHWC; image_size={c.image_size}, in_channels={c.in_channels}), "
                              f"got shape {tuple(x.shape)}; the positional embedding is not interpolated")
         x = x.astype(self.dtype)

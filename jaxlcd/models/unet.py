@@ -14,6 +14,7 @@ import flax.linen as nn
 from jaxlcd.models import layers
 from jaxlcd.models.config import ConfigError, ModelConfig, per_block, require
 from jaxlcd.weights.spec import ComponentSpec
+from jaxlcd.errors import InputError
 
 Dtype = Any
 IntOrTuple = Union[int, tuple]
@@ -175,7 +176,7 @@ class UNet2DConditionModel(nn.Module):
         n = len(cfg.down_block_types)
         factor = 2 ** (n - 1)
         if x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(f"UNet input spatial size {x.shape[1:3]} must be a multiple of {factor}")
+            raise InputError(f"UNet input spatial size {x.shape[1:3]} must be a multiple of {factor}")
         heads, channels = cfg.heads(), cfg.block_out_channels
         n_layers = per_block(cfg.layers_per_block, n, "layers_per_block")
         n_tf = per_block(cfg.transformer_layers_per_block, n, "transformer_layers_per_block")

@@ -6,6 +6,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jaxlcd.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -16,7 +17,7 @@ class RewardModel:
     encode_text(params, tokens) -> text features (no gradient is taken through them);
     score_images(params, images [B,H,W,3] float in [0,1], text) -> [B] float32 (differentiable in images);
     logit_scale: the model's contrastive temperature exp(logit_scale); expert logits for the LRM are
-    ``cosine * logit_scale`` (rglcd.md section 4), NaN for rewards that are not a CLIP cosine.
+    ``cosine * logit_scale`` (docs/algorithm.md section 4), NaN for rewards that are not a CLIP cosine.
     The train step takes ``params`` as a frozen argument and closes over the functions.
     """
     name: str
@@ -37,7 +38,7 @@ class RewardModel:
     def __call__(self, images, prompts: Sequence[str]):
         """images [B,H,W,3] float in [0,1] (differentiable), prompts list[str] of length B -> scores [B]."""
         if len(prompts) != images.shape[0]:
-            raise ValueError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
+            raise InputError(f"{self.name}: {images.shape[0]} images but {len(prompts)} prompts")
         return self.score(self.params, jnp.asarray(images), self.tokenize(list(prompts)))
 
 

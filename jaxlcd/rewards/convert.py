@@ -19,6 +19,7 @@ import sys
 from safetensors.numpy import save_file
 
 from jaxlcd.weights.io import read_tensor_file
+from jaxlcd.errors import InputError, JaxlcdError
 
 # open_clip model configs (open_clip/model_configs/*.json) of the reward models' towers
 OPEN_CLIP_CONFIGS = {
@@ -35,7 +36,7 @@ KINDS = tuple(f"open_clip:{k}" for k in OPEN_CLIP_CONFIGS) + ("imagereward", "ae
 def convert(src: str, out_dir: str, kind: str, med_config: str = "", allow_pickle: bool = False) -> str:
     """Write ``out_dir`` for ``kind`` from the checkpoint ``src``; returns the main file written."""
     if kind not in KINDS:
-        raise ValueError(f"unknown --kind {kind!r}; use one of {', '.join(KINDS)}")
+        raise InputError(f"unknown --kind {kind!r}; use one of {', '.join(KINDS)}")
     tensors = read_tensor_file(src, allow_pickle=allow_pickle)
     tensors = {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}  # DDP saves
     os.makedirs(out_dir, exist_ok=True)
@@ -45,12 +46,12 @@ def convert(src: str, out_dir: str, kind: str, med_config: str = "", allow_pickl
         out = os.path.join(out_dir, "open_clip_model.safetensors")
     elif kind == "imagereward":
         if not os.path.isfile(med_config):
-            raise ValueError("--kind imagereward needs --med-config (the med_config.json shipped with ImageReward)")
+            raise InputError("--kind imagereward needs --med-config (the med_config.json shipped with ImageReward)")
         shutil.copy(med_config, os.path.join(out_dir, "med_config.json"))
         out = os.path.join(out_dir, "model.safetensors")
     elif kind == "aesthetic_head":
         if set(tensors) != {"weight", "bias"}:
-            raise ValueError(f"{src}: the aesthetic head must hold exactly 'weight' and 'bias', found {sorted(tensors)}")
+            raise InputError(f"{src}: the aesthetic head must hold exactly 'weight' and 'bias', found {sorted(tensors)}")
         out = os.path.join(out_dir, "aesthetic_head.safetensors")
     else:
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(src))[0] + ".safetensors")
@@ -68,8 +69,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         out = convert(args.src, args.out_dir, args.kind, args.med_config, args.allow_pickle)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except JaxlcdError as e:
+        print(f"jaxlcd.rewards.convert: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -1,6 +1,6 @@
 """The latent proxy reward model in training: its score, its online preference loss and its optimizer.
 
-rglcd.md section 4: the student maximises cosine_LRM(pred / sf, c); every step the LRM is fitted to the
+docs/algorithm.md section 4: the student maximises cosine_LRM(pred / sf, c); every step the LRM is fitted to the
 expert RM's preferences over [pred, target, real latent] with
     loss = mean_b sum_{(i,j) in (0,1),(0,2),(1,2)} KL(softmax([E_i, E_j]) || softmax([L_i, L_j]))
 (E: expert logits = cosine * the expert's exp(logit_scale); L: the LRM's logits), AdamW, no clipping.
@@ -19,6 +19,7 @@ from flax import traverse_util
 
 from jaxlcd.models.lrm import LatentRewardModel
 from jaxlcd.models.modified_resnet import BN_STATS
+from jaxlcd.errors import InputError
 
 PAIRS = ((0, 1), (0, 2), (1, 2))
 
@@ -98,7 +99,7 @@ def load_lrm(path: str, *, dtype=jnp.float32, allow_pickle: bool = False) -> Lat
 
     module, params = load_component(path, dtype=dtype, allow_pickle=allow_pickle)
     if not isinstance(module, LatentRewardModel):
-        raise ValueError(f"{path!r} holds a {type(module).__name__}, not a LatentRewardModel")
+        raise InputError(f"{path!r} holds a {type(module).__name__}, not a LatentRewardModel")
     tok_dir = os.path.join(path, "tokenizer")
     if not os.path.isdir(tok_dir):
         tok_dir = build_clip_tokenizer_files(os.path.join(os.path.expanduser("~/.cache/jaxlcd"), "lrm_tokenizer"))

@@ -8,7 +8,7 @@ reproduce PyTorch's ``F.interpolate(mode="bicubic", align_corners=False)``:
   downscale factor, so high frequencies are averaged away instead of aliased;
 - ``antialias=False`` (what the RG-LCD reference did): cubic convolution with a = -0.75 on the 4 nearest
   input pixels. Downscaling 512 -> 224 then samples the image sparsely, which lets high-frequency
-  artefacts pass unseen by the reward model (rglcd.md section 3).
+  artefacts pass unseen by the reward model (docs/algorithm.md section 3).
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
+from jaxlcd.errors import MissingFileError
 
 
 class Checkpointer:
@@ -59,6 +60,6 @@ def save_config(workdir: str, config) -> None:
 def load_config_dict(workdir: str) -> dict:
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir!r} has no config.json; is it a jaxlcd training workdir?")
+        raise MissingFileError(f"{workdir!r} has no config.json; is it a jaxlcd training workdir?")
     with open(path) as f:
         return json.load(f)

@@ -9,6 +9,7 @@ teacher's text encoder and the whole model the demo's CLIPScore-style training r
 another data seed, wider and shallower towers) is the held-out reward that detects over-optimisation of the first.
 """
 import ml_collections
+from jaxlcd.errors import InputError
 
 TEXT = {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
         "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
@@ -25,7 +26,7 @@ def clip_config(text: dict, vision: dict, projection_dim: int) -> dict:
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
-        raise ValueError(f"unknown config variant {arg!r}; known: {', '.join(VARIANTS)}")
+        raise InputError(f"unknown config variant {arg!r}; known: {', '.join(VARIANTS)}")
     c = ml_collections.ConfigDict()
     c.job = "jaxlcd.demo.train_clip:train_clip"
     c.variant = arg

@@ -6,11 +6,12 @@ Run:
 Writes <workdir>/judge (config.json + fp16 model.safetensors) and <workdir>/judge_eval.json.
 """
 import ml_collections
+from jaxlcd.errors import InputError
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     if arg not in ("demo", "tiny"):
-        raise ValueError(f"unknown config variant {arg!r}; known: demo, tiny")
+        raise InputError(f"unknown config variant {arg!r}; known: demo, tiny")
     c = ml_collections.ConfigDict()
     c.job = "jaxlcd.demo.train_judge:train_judge"
     c.variant = arg

@@ -8,6 +8,7 @@ Run (after configs/demo/vae.py and configs/demo/clip.py):
 Writes WORKDIR/teacher, a diffusers StableDiffusionPipeline folder (the CLIP's text tower is its text encoder).
 """
 import ml_collections
+from jaxlcd.errors import InputError
 
 UNET = {"_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
         "block_out_channels": (32, 64), "layers_per_block": 1,
@@ -18,7 +19,7 @@ UNET = {"_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     if arg not in ("demo", "tiny"):
-        raise ValueError(f"unknown config variant {arg!r}; known: demo, tiny")
+        raise InputError(f"unknown config variant {arg!r}; known: demo, tiny")
     c = ml_collections.ConfigDict()
     c.job = "jaxlcd.demo.train_teacher:train_teacher"
     c.variant = arg

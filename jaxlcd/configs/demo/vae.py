@@ -6,6 +6,7 @@ Run:
 Writes runs/demo_vae/vae (a diffusers vae/ folder) with scaling_factor = 1 / std of its latents.
 """
 import ml_collections
+from jaxlcd.errors import InputError
 
 VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
        "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
@@ -15,7 +16,7 @@ VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "lat
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     if arg not in ("demo", "tiny"):
-        raise ValueError(f"unknown config variant {arg!r}; known: demo, tiny")
+        raise InputError(f"unknown config variant {arg!r}; known: demo, tiny")
     c = ml_collections.ConfigDict()
     c.job = "jaxlcd.demo.train_vae:train_vae"
     c.variant = arg
