@@ -82,9 +82,9 @@ def check_override_keys(argv: list[str]) -> None:
     in the config that ``--config`` names."""
     config_arg = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
     overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    if config_arg is None or not overrides:
+    if config_arg is None:
         return
-    keys = set(flat_keys(load_config(config_arg)))
+    keys = set(flat_keys(load_config(config_arg)))   # also: a bad variant is one sentence here
     for key in overrides:
         if key in keys:
             continue
@@ -99,20 +99,20 @@ def check_override_keys(argv: list[str]) -> None:
         raise ConfigKeyError(f"--config.{key}: the config {config_arg!r} has no key {key!r}{hint}")
 
 
-def flags_parser(argv: list[str]) -> list[str]:
-    """absl ``app.run`` flags parser: configs found from any directory, a bad override key or value as one
-    sentence (exit 2) instead of absl's traceback."""
+def make_flags_parser(prog: str):
+    """An absl ``app.run`` flags parser for ``prog``: configs found from any directory, a bad config file, variant,
+    override key or value as one sentence (exit 2) instead of absl's traceback."""
     from absl import flags
 
-    prog = os.path.basename(argv[0]) if argv else "jaxlcd"
-    try:
-        argv = resolve_config_flag(argv)
-        check_override_keys(argv)
-        return flags.FLAGS(argv)
-    except JaxlcdError as e:
-        fail(prog, e)
-    except flags.Error as e:
-        fail(prog, e)
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            argv = resolve_config_flag(argv)
+            check_override_keys(argv)
+            return flags.FLAGS(argv)
+        except (JaxlcdError, flags.Error) as e:
+            fail(prog, e)
+
+    return parse
 
 
 def fail(prog: str, error: BaseException) -> None:

@@ -45,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.flags_parser)
+    app.run(main, flags_parser=cli.make_flags_parser("jaxlcd.main"))

@@ -13,6 +13,8 @@ with the same VAE and resolution as the distillation. Reference run (docs/algori
 batch 480, 32 epochs; set total_steps = 32 * images / 480 for your dataset.
 """
 import ml_collections
+
+from jaxlcd.training.optimizer import optim_config
 from jaxlcd.errors import InputError
 
 VARIANTS = ("demo", "tiny", "sd15", "sd21base", "sd21")
@@ -40,13 +42,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.resolution = 512           # image size; the LRM's latent size is resolution / 8
     c.per_device_batch = 60      # 480 on 8 devices, the reference batch
     c.total_steps = 10_000
-    c.optim = ml_collections.ConfigDict()  # jaxlcd.training.optimizer: AdamW as CLIP, warmup then cosine decay
-    c.optim.learning_rate = 5e-4
-    c.optim.schedule = "warmup_cosine"
-    c.optim.warmup_steps = 500
-    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-6
-    c.optim.weight_decay = 0.2
-    c.optim.grad_clip = 0.0
+    # jaxlcd.training.optimizer: AdamW as CLIP (b2 0.98, eps 1e-6), linear warmup then cosine decay
+    c.optim = optim_config(learning_rate=5e-4, schedule="warmup_cosine", warmup_steps=500, weight_decay=0.2, b2=0.98,
+                           eps=1e-6)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.random_crop = False
     c.random_flip = False

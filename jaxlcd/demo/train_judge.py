@@ -127,6 +127,8 @@ def train_judge(cfg, workdir: str) -> dict:
     result = loop_lib.train(job, cfg, workdir)
     last, params = result.metrics, jax.device_get(result.state.params)
     out = os.path.join(workdir, "judge")
+    if jax.process_index() != 0:   # one process writes and scores the judge
+        return last
     judge_lib.save_judge(module, params, out)
     module, params = judge_lib.load_judge(out)  # evaluate what was shipped (fp16-rounded weights)
     n = cfg.eval_count

@@ -245,8 +245,9 @@ def train_teacher(cfg, workdir: str) -> dict:
     result = loop_lib.train(job, cfg, workdir)
     last = result.metrics
     unet_ema, text_ema = split(jax.device_get(result.state.ema_params))
-    save_component(pipe.unet, unet_ema, os.path.join(teacher_dir, "unet"))
-    if text_ema is not None:
-        save_component(pipe.text_encoder, text_ema, os.path.join(teacher_dir, "text_encoder"))
+    if jax.process_index() == 0:
+        save_component(pipe.unet, unet_ema, os.path.join(teacher_dir, "unet"))
+        if text_ema is not None:
+            save_component(pipe.text_encoder, text_ema, os.path.join(teacher_dir, "text_encoder"))
     log.info("saved the teacher pipeline to %s (last loss %.4g)", teacher_dir, last.get("loss", float("nan")))
     return last

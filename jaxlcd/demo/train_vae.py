@@ -173,7 +173,8 @@ def train_vae(cfg, workdir: str) -> dict:
     else:  # same encoder, same latents: keep the factor a teacher trained on them was built with
         sf = vae.config.scaling_factor
     vae = vae.clone(config=dataclasses.replace(vae.config, scaling_factor=sf))
-    save_component(vae, params, os.path.join(workdir, "vae"))
+    if jax.process_index() == 0:
+        save_component(vae, params, os.path.join(workdir, "vae"))
     log.info("saved the VAE to %s (scaling_factor %.4f, last mse %.4g)", os.path.join(workdir, "vae"), sf,
              last.get("mse", float("nan")))
     if "judge_acc" in last:

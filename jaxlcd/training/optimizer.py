@@ -87,3 +87,13 @@ def make_optimizer(cfg, total_steps: int, hyperparams_in_state: bool = True) -> 
         tx = optax.multi_transform(groups, lambda params: label_params(params, rules, "x1"))
     clip = cfg.get("grad_clip", 0.0)
     return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+
+
+def optim_config(**values) -> ml_collections.ConfigDict:
+    """An ``optim`` config section with every key above at its default (constant rate, Adam's moments, no decay, no
+    clipping, nothing frozen), then ``values``; e.g. ``optim_config(learning_rate=1e-3, schedule="warmup_cosine")``."""
+    cfg = ml_collections.ConfigDict({"learning_rate": 1e-4, "schedule": "constant", "warmup_steps": 0, "b1": 0.9,
+                                     "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 0.0, "frozen": (),
+                                     "lr_mults": ()})
+    cfg.update(values)
+    return cfg

@@ -9,6 +9,8 @@ teacher's text encoder and the whole model the demo's CLIPScore-style training r
 another data seed, wider and shallower towers) is the held-out reward that detects over-optimisation of the first.
 """
 import ml_collections
+
+from jaxlcd.training.optimizer import optim_config
 from jaxlcd.errors import InputError
 
 TEXT = {"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
@@ -37,13 +39,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.per_device_batch = 32
     c.total_steps = 2000
     # AdamW (b2 0.98, eps 1e-6, as CLIP), linear warmup then cosine decay
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 1e-3
-    c.optim.schedule = "warmup_cosine"
-    c.optim.warmup_steps = 100
-    c.optim.weight_decay = 0.1
-    c.optim.grad_clip = 0.0
-    c.optim.b2, c.optim.eps = 0.98, 1e-6
+    c.optim = optim_config(learning_rate=1e-3, schedule="warmup_cosine", warmup_steps=100, weight_decay=0.1,
+                           b2=0.98, eps=1e-6)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.hard_negatives = 0           # K captions per image with one shape / position / size changed, as extra negatives
     c.hard_negative_kinds = "shape,place,size"  # what a hard negative may change (place: position or relation;

@@ -6,6 +6,8 @@ Run:
 Writes <workdir>/judge (config.json + fp16 model.safetensors) and <workdir>/judge_eval.json.
 """
 import ml_collections
+
+from jaxlcd.training.optimizer import optim_config
 from jaxlcd.errors import InputError
 
 
@@ -21,12 +23,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.per_device_batch = 64
     c.total_steps = 1500
     # AdamW, linear warmup then cosine decay (GroupNorm makes 1e-2 stable)
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 1e-2
-    c.optim.schedule = "warmup_cosine"
-    c.optim.warmup_steps = 100
-    c.optim.weight_decay = 1e-4
-    c.optim.grad_clip = 0.0
+    c.optim = optim_config(learning_rate=1e-2, schedule="warmup_cosine", warmup_steps=100, weight_decay=1e-4)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.max_blur = 1.0               # Gaussian blur sigma ~ U(0, max_blur) px
     c.max_noise = 0.05             # pixel noise std ~ U(0, max_noise)

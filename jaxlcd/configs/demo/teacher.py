@@ -8,6 +8,8 @@ Run (after configs/demo/vae.py and configs/demo/clip.py):
 Writes WORKDIR/teacher, a diffusers StableDiffusionPipeline folder (the CLIP's text tower is its text encoder).
 """
 import ml_collections
+
+from jaxlcd.training.optimizer import optim_config
 from jaxlcd.errors import InputError
 
 UNET = {"_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
@@ -33,12 +35,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.per_device_batch = 32        # ~0.5 s/step on the 2-core CPU machine
     c.total_steps = 10_000         # ~65 min on one core of the 2-core CPU machine
     # AdamW after global-norm clipping at 1, linear warmup then cosine decay
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 1e-3
-    c.optim.schedule = "warmup_cosine"
-    c.optim.warmup_steps = 100
-    c.optim.weight_decay = 0.0
-    c.optim.grad_clip = 1.0
+    c.optim = optim_config(learning_rate=1e-3, schedule="warmup_cosine", warmup_steps=100, grad_clip=1.0)
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.snr_gamma = 0.0              # min-SNR-gamma loss weighting (0: plain MSE; 5 is the paper's choice)
     c.p_uncond = 0.1               # caption dropout (classifier-free guidance)

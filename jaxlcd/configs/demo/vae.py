@@ -6,6 +6,8 @@ Run:
 Writes runs/demo_vae/vae (a diffusers vae/ folder) with scaling_factor = 1 / std of its latents.
 """
 import ml_collections
+
+from jaxlcd.training.optimizer import optim_config
 from jaxlcd.errors import InputError
 
 VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
@@ -26,12 +28,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.num_examples = 20_000        # shapes scenes 0 .. num_examples - 1 (training stream, no held-out pairs)
     c.per_device_batch = 8         # ~1.25 s/step on one CPU core
     c.total_steps = 6000
-    c.optim = ml_collections.ConfigDict()  # AdamW after global-norm clipping, linear warmup then cosine decay
-    c.optim.learning_rate = 5e-4
-    c.optim.schedule = "warmup_cosine"
-    c.optim.warmup_steps = 200
-    c.optim.grad_clip = 1.0
-    c.optim.weight_decay = 0.0
+    # AdamW after global-norm clipping, linear warmup then cosine decay
+    c.optim = optim_config(learning_rate=5e-4, schedule="warmup_cosine", warmup_steps=200, grad_clip=1.0)
     c.kl_weight = 1e-5             # per latent element, relative to the per-pixel MSE
     c.object_weight = 10.0         # extra MSE weight on pixels that differ from the background (0 = plain MSE)
     c.edge_weight = 0.0            # L1 on finite differences of rec vs image (sharper edges than the MSE alone)
