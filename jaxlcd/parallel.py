@@ -7,6 +7,7 @@ shardings (`init_sharded`: eval_shape -> shardings -> jit(out_shardings)), never
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -14,7 +15,9 @@ from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
 from jaxlcd.errors import InputError
 
 AXES = ("data", "fsdp", "tensor")
@@ -222,21 +225,68 @@ def is_multi_process_launch(environ: Mapping[str, str] | None = None) -> bool:
                 or count("SLURM_NTASKS") > 1 or count("OMPI_COMM_WORLD_SIZE") > 1)
 
 
+HEARTBEAT_TIMEOUT_S = int(os.environ.get("JAXLCD_HEARTBEAT_TIMEOUT_S", "30"))
+
+
 def maybe_initialize_distributed() -> bool:
     """Call `jax.distributed.initialize()` once when launched as several processes; no-op otherwise.
 
     Must run before anything touches a JAX backend. Reads JAX_NUM_PROCESSES / JAX_PROCESS_ID when set
-    (JAX_COORDINATOR_ADDRESS is read by JAX itself); otherwise JAX auto-detects TPU pods, Slurm and MPI.
-    Returns True when running multi-process.
+    (JAX_COORDINATOR_ADDRESS is read by JAX itself); otherwise JAX auto-detects TPU pods, Slurm and MPI. A process
+    that stops answering (killed, crashed) is noticed by the others within HEARTBEAT_TIMEOUT_S seconds (env
+    JAXLCD_HEARTBEAT_TIMEOUT_S, default 30), which then stop with JAX's error naming the lost task instead of
+    waiting forever. On processes other than 0, jaxlcd logs warnings and errors only. Returns True when running
+    multi-process.
     """
     if jax.distributed.is_initialized():
         return True
     if not is_multi_process_launch():
         return False
-    kwargs = {}
+    kwargs = {"heartbeat_timeout_seconds": HEARTBEAT_TIMEOUT_S}
     if os.environ.get("JAX_NUM_PROCESSES"):
         kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
     if os.environ.get("JAX_PROCESS_ID"):
         kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
     jax.distributed.initialize(**kwargs)
+    if jax.process_index() != 0:
+        logging.getLogger("jaxlcd").setLevel(logging.WARNING)
     return True
+
+
+def process_zero_first(fn: Callable, *args, name: str):
+    """``fn(*args)`` on process 0, then, after every process has reached the same point, on the others: for work
+    that writes shared files once and reuses them when they exist (data preparation, the tiny variant's models).
+    One process: just ``fn(*args)``."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    out = fn(*args) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(f"jaxlcd:{name}")
+    return out if jax.process_index() == 0 else fn(*args)
+
+
+def to_host(tree: Any) -> Any:
+    """A pytree of (possibly cross-process sharded) jax.Arrays as full numpy arrays on every process. Every process
+    must call it (it is a collective when the run has several processes)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def all_processes_strings(text: str | bytes) -> list[str]:
+    """Every process's ``text`` (str or UTF-8 bytes), in process order (a collective)."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8")
+    if jax.process_count() == 1:
+        return [raw.decode("utf-8")]
+    data = np.frombuffer(raw, np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([len(data)], np.int32)).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:len(data)] = data
+    rows = multihost_utils.process_allgather(padded).reshape(len(lengths), -1)
+    return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
+
+
+def any_process(flag: bool) -> bool:
+    """True when ``flag`` is True on any process (a collective; one process: ``flag``)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.process_allgather(np.asarray([flag], np.bool_)).any())

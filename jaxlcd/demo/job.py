@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from jaxlcd import parallel
 from jaxlcd.demo import demo_path, shapes
 from jaxlcd.errors import InputError
 
@@ -31,7 +32,8 @@ def prepare_shapes(cfg, workdir: str) -> str:
     """The shapes dataset (the first ``cfg.shapes_examples`` scenes of seed 0 at ``cfg.resolution``) prepared once
     in ``workdir/data``; returns its folder."""
     data_root = os.path.join(workdir, "data")
-    shapes.prepare_shapes_dataset(data_root, num_examples=cfg.shapes_examples, resolution=cfg.resolution, seed=0)
+    parallel.process_zero_first(lambda: shapes.prepare_shapes_dataset(
+        data_root, num_examples=cfg.shapes_examples, resolution=cfg.resolution, seed=0), name="shapes")
     return shapes.version_dir(data_root, shapes.BUILDER_NAME)
 
 
@@ -54,6 +56,7 @@ def run(cfg, workdir: str) -> list[dict]:
     from jaxlcd.demo import evaluate
     from jaxlcd.distill.job import train
 
+    parallel.maybe_initialize_distributed()
     data_dir = prepare_shapes(cfg, workdir) if cfg.data_dir in ("", SHAPES_DATA) else ""
     for name in cfg.demo.baselines:
         sub_dir = os.path.join(workdir, "baselines", name)

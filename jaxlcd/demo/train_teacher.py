@@ -152,7 +152,8 @@ def make_teacher_step(pipe, tx, uncond_ids, p_uncond: float, ema_decay: float, s
         key = jax.random.fold_in(state.rng, state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, text_params, batch, key)
         new = state.apply_gradients(tx, grads)
-        ema = optax.incremental_update(new.params, state.ema_params, 1.0 - ema_decay_at(state.step, ema_decay))
+        decay = ema_decay_at(state.step, ema_decay)
+        ema = optax.incremental_update(state.ema_params, new.params, decay)   # decay * ema + (1 - decay) * params
         return new.replace(ema_params=ema), {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
     return step

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from jaxlcd import parallel
 from jaxlcd.diffusion import schedule
 from jaxlcd.pipeline import encode_prompts, lcm_generate
 from jaxlcd.sample import make_grid, to_uint8
@@ -20,7 +21,7 @@ def sample_grids(run, prompts, steps, resolution: int, params, out_dir: str, tag
     ctx = encode_prompts(pipe, list(prompts))
     shape = (len(prompts), resolution // 8, resolution // 8, student.config.in_channels)
     z = jax.random.normal(jax.random.PRNGKey(1234), shape)
-    params = jax.device_get(params)
+    params = parallel.to_host(params)   # every process takes part; process 0 samples and writes
     if jax.process_index() != 0:
         return
     os.makedirs(out_dir, exist_ok=True)

@@ -35,17 +35,19 @@ def device_batch(host_batch: dict, models) -> dict:
 
 
 def export(run, state, workdir: str, export_dtype: str) -> None:
-    """Write the student and its EMA target as diffusers pipelines (and the online LRM) under ``workdir/export``;
-    process 0 writes, an existing export folder is kept."""
+    """Write the student and its EMA target as diffusers pipelines (and the online LRM) under ``workdir/export``.
+    Every process gathers the (possibly cross-process sharded) params; process 0 writes; an existing export folder
+    is kept."""
+    params = parallel.to_host({"student": state.params, "target": state.target_params, "lrm": state.lrm_params})
     if jax.process_index() != 0:
         return
     dtype = np.float16 if export_dtype == "float16" else np.float32
-    for name, params in (("student", state.params), ("target", state.target_params)):
+    for name in ("student", "target"):
         out = os.path.join(workdir, "export", name)
         if not os.path.isdir(out):
-            export_student_pipeline(out, run.teacher_dir, run.models.student, jax.device_get(params), dtype)
-    if state.lrm_params is not None:
-        save_component(run.models.lrm.module, jax.device_get(state.lrm_params), os.path.join(workdir, "export", "lrm"))
+            export_student_pipeline(out, run.teacher_dir, run.models.student, params[name], dtype)
+    if params["lrm"] is not None:
+        save_component(run.models.lrm.module, params["lrm"], os.path.join(workdir, "export", "lrm"))
     log.info("exported the student and its EMA target to %s", os.path.join(workdir, "export"))
 
 
@@ -54,8 +56,9 @@ def train(cfg, workdir: str) -> dict:
     parallel.maybe_initialize_distributed()
     setup.validate_config(cfg, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
-    teacher_dir, raw_data = setup.resolve_inputs(cfg, workdir)
-    reward_path, lrm_path = setup.resolve_reward_paths(cfg, workdir)
+    # the tiny variant's models and data, and the prepared dataset, are written once, by process 0
+    teacher_dir, raw_data = parallel.process_zero_first(setup.resolve_inputs, cfg, workdir, name="inputs")
+    reward_path, lrm_path = parallel.process_zero_first(setup.resolve_reward_paths, cfg, workdir, name="rewards")
     with cfg.unlocked():
         cfg.teacher, cfg.data_dir, cfg.reward.path, cfg.lrm.path = teacher_dir, raw_data, reward_path, lrm_path
     checkpoint.save_config(workdir, cfg)
@@ -64,7 +67,7 @@ def train(cfg, workdir: str) -> dict:
     run = setup.build_run(cfg, teacher_dir, mesh)
 
     global_batch = cfg.per_device_batch * jax.device_count()
-    prepared = setup.prepare_data(raw_data, os.path.join(workdir, "data"))
+    prepared = parallel.process_zero_first(setup.prepare_data, raw_data, os.path.join(workdir, "data"), name="data")
     it = data_lib.make_train_iterator(
         prepared, tokenizer=run.pipe.tokenizer,
         resolution=cfg.resolution, batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,

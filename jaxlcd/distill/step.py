@@ -137,7 +137,7 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         mu = lcd.ema_decay
-        target = jax.tree_util.tree_map(lambda t, p: mu * t + (1.0 - mu) * p, state.target_params, params)
+        target = optax.incremental_update(state.target_params, params, mu)   # mu * target + (1 - mu) * params
 
         metrics.update(loss=loss, lr=opt_state[1].hyperparams["learning_rate"], grad_norm=grad_norm,
                        w_mean=jnp.mean(w), t_start_mean=jnp.mean(t_start.astype(jnp.float32)),

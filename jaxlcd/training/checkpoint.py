@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
-from jaxlcd.errors import MissingFileError
+
+from jaxlcd.errors import InputError, MissingFileError
 
 
 class Checkpointer:
@@ -45,13 +46,27 @@ class Checkpointer:
         self.manager.close()
 
 
+def this_host_data_state(saved) -> Any:
+    """This process's data-iterator state from a checkpoint's ``data`` item: ``{"hosts": [state per process]}``, or
+    (checkpoints written before per-host states) the one state itself."""
+    if isinstance(saved, dict) and "hosts" in saved:
+        hosts = saved["hosts"]
+        if len(hosts) != jax.process_count():
+            raise InputError(f"the checkpoint holds the data position of {len(hosts)} processes, this run has "
+                             f"{jax.process_count()}; resume with as many processes as wrote it")
+        return hosts[jax.process_index()]
+    return saved
+
+
 def abstract_like(tree, shardings):
     """ShapeDtypeStructs of ``tree`` carrying ``shardings`` (the restore target)."""
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def save_config(workdir: str, config) -> None:
-    """``<workdir>/config.json``: the run's full config (for export and for humans)."""
+    """``<workdir>/config.json``: the run's full config (for export and for humans); process 0 writes."""
+    if jax.process_index() != 0:
+        return
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))

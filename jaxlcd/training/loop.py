@@ -69,6 +69,11 @@ def _check_finite(pending: list, first_step: int) -> None:
                 "compute_dtype=float32) and resume.")
 
 
+def _data_states(batches) -> dict:
+    """Every host's data-iterator state for the checkpoint (a collective on multi-process runs)."""
+    return {"hosts": [json.loads(s) for s in parallel.all_processes_strings(batches.get_state())]}
+
+
 def train(job: Job, cfg, workdir: str) -> Result:
     """Run (or resume) ``job`` for ``cfg.total_steps`` steps in ``workdir``, with ``cfg.log_every``,
     ``cfg.checkpoint_every`` and ``cfg.keep_checkpoints``."""
@@ -76,7 +81,7 @@ def train(job: Job, cfg, workdir: str) -> Result:
     start, state = ckpt.latest_step() or 0, job.state
     if start:
         state, data_state = ckpt.restore(start, checkpoint.abstract_like(state, job.state_shardings))
-        job.batches.set_state(data_state)
+        job.batches.set_state(checkpoint.this_host_data_state(data_state))
         log.info("resumed from the checkpoint at step %d", start)
     step_fn = jax.jit(job.step_fn, in_shardings=(job.state_shardings, job.frozen_shardings,
                                                  parallel.batch_sharding(job.mesh)),
@@ -85,7 +90,7 @@ def train(job: Job, cfg, workdir: str) -> Result:
     pending, last, t_window, step = [], {}, time.perf_counter(), start
     bar = tqdm(total=cfg.total_steps, initial=start, desc=job.name, unit="step", dynamic_ncols=True, disable=not lead)
     try:
-        while step < cfg.total_steps and not stopper.stop:
+        while step < cfg.total_steps and not parallel.any_process(stopper.stop):  # all stop at the same step
             state, metrics = step_fn(state, job.frozen, job.make_batch(next(job.batches)))
             pending.append(metrics)
             step += 1
@@ -103,7 +108,7 @@ def train(job: Job, cfg, workdir: str) -> Result:
                 bar.set_postfix(loss=f"{last['loss']:.4g}", img_s=f"{last['images_per_s']:.3g}")
                 pending, t_window = [], time.perf_counter()
             if at_ckpt:
-                ckpt.save(step, state, json.loads(job.batches.get_state()))
+                ckpt.save(step, state, _data_states(job.batches))
             scores = {}
             for evaluator in job.evaluators:
                 if evaluator.due(step, final):
@@ -113,9 +118,9 @@ def train(job: Job, cfg, workdir: str) -> Result:
                 last.update(scores)
                 bar.write(f"{job.name} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
                 t_window = time.perf_counter()   # evaluation time is not training time
-        if stopper.stop and step < cfg.total_steps:
+        if step < cfg.total_steps:   # SIGTERM on some process
             _check_finite(pending, step - len(pending) + 1)
-            ckpt.save(step, state, json.loads(job.batches.get_state()))
+            ckpt.save(step, state, _data_states(job.batches))
             log.warning("SIGTERM: saved the checkpoint at step %d and stopped; rerun the same command to resume", step)
     finally:
         bar.close()
