@@ -121,6 +121,23 @@ def fail(prog: str, error: BaseException) -> None:
     sys.exit(2)
 
 
+def stop_if_multi_process(prog: str) -> None:
+    """In a multi-process run, print the current exception's traceback and one line naming this process, then end
+    the process at once (``os._exit(1)``): JAX's orderly shutdown would wait for the other processes, which may be
+    dead or blocked in a collective. One process: return (the caller re-raises)."""
+    import traceback
+
+    import jax
+
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return
+    traceback.print_exc()
+    print(f"{prog}: error: process {jax.process_index()} of {jax.process_count()} stops on the error above; in a "
+          "multi-process run that is usually another process that died or was killed (see its log)",
+          file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def setup_logging() -> None:
     """jaxlcd's own log lines (INFO) with timestamps on stderr; absl (orbax, grain) only from WARNING."""
     from absl import logging as absl_logging

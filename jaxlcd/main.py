@@ -42,6 +42,9 @@ def main(argv):
         job_function(FLAGS.config.get("job", "distill"))(FLAGS.config, FLAGS.workdir)
     except JaxlcdError as e:
         cli.fail("jaxlcd.main", e)
+    except Exception:
+        cli.stop_if_multi_process("jaxlcd.main")   # ends this process at once when others are involved
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,153 @@
+"""Multi-process runs on this machine, as on a pod: JAX's coordinator variables, a shared workdir, CPU devices.
+
+2 processes x 2 devices with the student, its EMA target and the AdamW moments sharded (fsdp) across both processes:
+train, checkpoint, kill -9 of both mid-run and resume (same losses), grids and exports written (the export equal to
+a one-process export of the same checkpoint); SIGTERM reaching one process; kill -9 of one process.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import REPO
+
+LAUNCH = os.path.join(REPO, "launch", "multiprocess.sh")
+FSDP_ACROSS = ["--config=configs/rglcd.py:tiny", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+               "--config.per_device_batch=1", "--config.log_every=1", "--config.evals.grids.steps=(1,)"]
+RUN = ["--config.total_steps=4", "--config.checkpoint_every=2"]
+UNET = os.path.join("export", "student", "unet", "diffusion_pytorch_model.safetensors")
+
+
+def _env(**extra):
+    # the launcher sets the device count; drop conftest's 8 simulated devices
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return dict(env, DEVICES="2", XLA_FLAGS="--xla_backend_optimization_level=0", PYTHON=sys.executable, **extra)
+
+
+def _launch(workdir, *args, **popen):
+    return subprocess.Popen(["bash", LAUNCH, "2", str(workdir), *FSDP_ACROSS, *args], cwd=REPO, env=_env(),
+                            **popen)
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def _children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("mp") / "run"
+    proc = _launch(workdir, *RUN, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    return workdir, out
+
+
+def test_two_processes_train_checkpoint_and_export(reference):
+    workdir, out = reference
+    assert "| 4 x cpu (cpu) | 2 processes" in out and "mesh data=1 fsdp=4" in out
+    assert sorted(_losses(workdir)) == [1, 2, 3, 4]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+    assert os.path.isfile(workdir / "samples" / "final_lcm1.png")
+    assert os.path.isfile(workdir / "export" / "target" / "model_index.json") and os.path.isfile(workdir / UNET)
+    hosts = json.loads((workdir / "checkpoints" / "4" / "data" / "metadata").read_text())["hosts"]
+    assert len(hosts) == 2 and hosts[0]["grain"]["next_index"] == 8   # each process's position in its own shard
+
+
+def test_export_equals_a_one_process_export_of_the_same_checkpoint(reference, tmp_path):
+    workdir, _ = reference
+    out = tmp_path / "single"
+    proc = subprocess.run([sys.executable, "-m", "jaxlcd.export", "--workdir", str(workdir), "--out", str(out),
+                           "--step", "4"], cwd=REPO, capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    multi, single = load_file(str(workdir / UNET)), load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert multi.keys() == single.keys()
+    assert max(float(np.abs(multi[k] - single[k]).max()) for k in multi) <= 1e-6
+
+
+def test_kill_both_processes_then_resume_reproduces_the_losses(reference, tmp_path):
+    ref_dir, _ = reference
+    workdir = tmp_path / "crash"
+    with open(tmp_path / "crash.log", "w") as log:
+        launcher = _launch(workdir, *RUN, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        while not os.path.isdir(workdir / "checkpoints" / "2") and launcher.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        for pid in _children(launcher.pid):
+            os.kill(pid, signal.SIGKILL)
+        launcher.wait(timeout=60)
+    assert launcher.returncode != 0, (tmp_path / "crash.log").read_text()[-3000:]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    resumed = _launch(workdir, *RUN, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resumed from the checkpoint at step 2" in out
+    want, got = _losses(ref_dir), _losses(workdir)
+    for step in (1, 2, 3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    assert os.path.isfile(workdir / UNET)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tmp_path):
+    workdir = tmp_path / "preempt"
+    with open(tmp_path / "term.log", "w") as log:
+        launcher = _launch(workdir, "--config.total_steps=100000", "--config.checkpoint_every=100000", stdout=log,
+                           stderr=subprocess.STDOUT)
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.time() + 600
+        while not (metrics.exists() and metrics.stat().st_size) and launcher.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        os.kill(_children(launcher.pid)[1], signal.SIGTERM)   # process 1 only
+        launcher.wait(timeout=300)
+    log_text = (tmp_path / "term.log").read_text()
+    assert launcher.returncode == 0, log_text[-3000:]
+    assert "SIGTERM: saved the checkpoint at step" in log_text
+    saved = [int(d) for d in os.listdir(workdir / "checkpoints")]
+    assert len(saved) == 1 and saved[0] >= max(_losses(workdir))
+
+
+def test_kill_of_one_process_ends_the_other_within_a_minute(tmp_path):
+    """Started without the launcher (which would stop the others itself): what ends the survivor is jaxlcd and
+    JAX's coordination service (heartbeat timeout 10 s here, JAXLCD_HEARTBEAT_TIMEOUT_S)."""
+    workdir = tmp_path / "one"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PLATFORMS="cpu",
+               JAXLCD_HEARTBEAT_TIMEOUT_S="10")
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+    cmd = [sys.executable, "-m", "jaxlcd.main", f"--workdir={workdir}", *FSDP_ACROSS, "--config.total_steps=100000",
+           "--config.checkpoint_every=100000"]
+    logs = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=logs[i],
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    try:
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.time() + 600
+        while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
+            assert all(p.poll() is None for p in procs), (tmp_path / "p0.log").read_text()[-3000:]
+            time.sleep(0.5)
+        procs[1].kill()
+        killed_at = time.time()
+        rc = procs[0].wait(timeout=60)
+        took = time.time() - killed_at
+    finally:
+        for p in procs:
+            p.kill()
+        for f in logs:
+            f.close()
+    survivor = (tmp_path / "p0.log").read_text()
+    assert rc != 0 and took < 60
+    assert "jaxlcd.main: error: process 0 of 2 stops" in survivor or "another task died" in survivor, survivor[-3000:]
