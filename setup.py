@@ -29,6 +29,7 @@ setup(
         "tensorflow-datasets>=4.9.8,<4.10",   # builders + array_record data source; TensorFlow not needed
         "tensorboardX>=2.6,<3",
         "transformers>=5,<6",   # CLIPTokenizer (the text encoder itself is our Flax port)
+        "huggingface-hub>=1.0,<3",   # hub ids of teachers and reward models (jaxlcd.paths)
     ],
     extras_require={
         # PyTorch reference stack for parity tests; install torch first as the CPU build

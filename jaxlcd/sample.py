@@ -15,7 +15,9 @@ import sys
 from typing import Optional, Sequence
 
 import numpy as np
+
 from jaxlcd.errors import InputError, JaxlcdError
+from jaxlcd.paths import resolve_model_path
 
 DEFAULTS = {"lcm": (4, 8.5), "ddim": (50, 7.5)}  # (steps, guidance) as diffusers' pipelines
 
@@ -119,7 +121,7 @@ def _setup(args):
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     prompts = read_prompts(args)
-    pipe = pl.load_pipeline(args.model, dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    pipe = pl.load_pipeline(resolve_model_path(args.model, "--model"), dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     if args.sampler == "lcm":
         pl.require_lcm(pipe)
         if args.steps > int(pipe.scheduler_config.get("original_inference_steps", 50)):

@@ -1,7 +1,9 @@
 """The tiny trainer end to end: train, checkpoint, crash + resume, SIGTERM, NaN stop, export.
 
 The sharded step is in test_train_sharded.py."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,9 +15,10 @@ import pytest
 import torch
 
 from conftest import REPO, load_config
-from jaxlcd.export import main as export_main
+from jaxlcd import tiny
 from jaxlcd.distill import job as loop, setup
-from jaxlcd.errors import TrainingError
+from jaxlcd.export import main as export_main
+from jaxlcd.errors import InputError, TrainingError
 from jaxlcd.training import checkpoint
 from tiny_run import STEPS, cli, losses, make_inputs, tiny_config
 
@@ -141,3 +144,43 @@ def test_every_config_field_can_be_overridden_from_the_command_line(file):
 
     for variant in ("tiny", "demo"):
         assert list(lists(load_config(variant, file))) == [], variant
+
+
+# ------------------------------------------------------------------------------------ reruns of a workdir
+@pytest.fixture
+def rerun(trained, tmp_path):
+    """A copy of the finished tiny run (steps 1-4, checkpoints at 2 and 4, export at 4) to rerun."""
+    workdir = str(tmp_path / "rerun")
+    shutil.copytree(trained, workdir, symlinks=True)
+    return workdir
+
+
+def _export_step(workdir):
+    with open(os.path.join(workdir, "export", "step.json")) as f:
+        return json.load(f)["step"]
+
+
+def test_rerun_applies_a_new_learning_rate_and_total_and_exports_again(inputs, rerun):
+    assert _export_step(rerun) == STEPS
+    loop.train(tiny_config(inputs, **{"total_steps": STEPS + 2, "optim.learning_rate": 5e-5}), rerun)
+    records = [json.loads(line) for line in open(os.path.join(rerun, "metrics.jsonl"))]
+    assert [r["lr"] for r in records if r["step"] > STEPS] == pytest.approx([5e-5, 5e-5])
+    assert records[0]["lr"] == pytest.approx(1e-4)   # the first run's rate
+    assert _export_step(rerun) == STEPS + 2 and not any(n.startswith("export.tmp") for n in os.listdir(rerun))
+
+
+def test_a_partial_export_is_redone(inputs, rerun):
+    os.remove(os.path.join(rerun, "export", "step.json"))   # as an export killed before it completed
+    shutil.rmtree(os.path.join(rerun, "export", "target"))
+    loop.train(tiny_config(inputs), rerun)
+    assert _export_step(rerun) == STEPS and os.path.isfile(os.path.join(rerun, "export", "target", "model_index.json"))
+
+
+def test_a_changed_data_dir_or_teacher_is_refused(inputs, rerun, tmp_path):
+    other_data = str(tmp_path / "other_data")
+    tiny.write_image_folder(other_data, n=24, seed=1)
+    with pytest.raises(InputError, match=r"was prepared from .*, but config.data_dir is now .*other_data"):
+        loop.train(tiny_config((inputs[0], other_data)), rerun)
+    other_teacher = tiny.write_teacher_folder(str(tmp_path / "other_teacher"), seed=1)
+    with pytest.raises(InputError, match="config.teacher cannot change when resuming"):
+        loop.train(tiny_config((other_teacher, inputs[1])), rerun)

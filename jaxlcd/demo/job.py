@@ -42,7 +42,7 @@ def with_demo_inputs(cfg, data_dir: str):
     is "" or "shapes"), the shipped CLIP as reward model and the shipped LRM."""
     out = cfg.copy_and_resolve_references()
     with out.unlocked():
-        out.teacher = os.path.abspath(cfg.teacher or demo_path("teacher"))
+        out.teacher = cfg.teacher or demo_path("teacher")
         out.data_dir = data_dir if cfg.data_dir in ("", SHAPES_DATA) else os.path.abspath(cfg.data_dir)
         out.reward.path = cfg.reward.path or (demo_path("clip") if cfg.reward.name else "")
         out.lrm.path = cfg.lrm.path or (demo_path("lrm") if cfg.lrm.enabled else "")

@@ -5,8 +5,10 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -34,26 +36,44 @@ def device_batch(host_batch: dict, models) -> dict:
     return out
 
 
-def export(run, state, workdir: str, export_dtype: str) -> None:
-    """Write the student and its EMA target as diffusers pipelines (and the online LRM) under ``workdir/export``.
-    Every process gathers the (possibly cross-process sharded) params; process 0 writes; an existing export folder
-    is kept."""
+def exported_step(workdir: str):
+    """The training step ``workdir/export`` was written from (None when there is no complete export)."""
+    try:
+        with open(os.path.join(workdir, "export", "step.json")) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def export(run, state, step: int, workdir: str, export_dtype: str) -> None:
+    """Write the student and its EMA target as diffusers pipelines (and the online LRM) to ``workdir/export``,
+    marked with ``step`` (``export/step.json``); an export of the same step is kept, an older one replaced. The
+    folder is written next to it and renamed into place, so a killed export leaves the previous one (or none), never
+    a partial one. Every process gathers the (possibly cross-process sharded) params; process 0 writes."""
+    if exported_step(workdir) == step:
+        return
     params = parallel.to_host({"student": state.params, "target": state.target_params, "lrm": state.lrm_params})
     if jax.process_index() != 0:
         return
     dtype = np.float16 if export_dtype == "float16" else np.float32
+    final, tmp = os.path.join(workdir, "export"), os.path.join(workdir, f"export.tmp-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
     for name in ("student", "target"):
-        out = os.path.join(workdir, "export", name)
-        if not os.path.isdir(out):
-            export_student_pipeline(out, run.teacher_dir, run.models.student, params[name], dtype)
+        export_student_pipeline(os.path.join(tmp, name), run.teacher_dir, run.models.student, params[name], dtype)
     if params["lrm"] is not None:
-        save_component(run.models.lrm.module, params["lrm"], os.path.join(workdir, "export", "lrm"))
-    log.info("exported the student and its EMA target to %s", os.path.join(workdir, "export"))
+        save_component(run.models.lrm.module, params["lrm"], os.path.join(tmp, "lrm"))
+    with open(os.path.join(tmp, "step.json"), "w") as f:
+        json.dump({"step": step}, f)
+    if os.path.exists(final):   # a stale or partial export: replaced
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    log.info("exported the student and its EMA target at step %d to %s", step, final)
 
 
 def train(cfg, workdir: str) -> dict:
     """Run (or resume) distillation in ``workdir``; returns the last logged metrics."""
     parallel.maybe_initialize_distributed()
+    parallel.process_zero_first(setup.resolve_model_ids, cfg, name="hub")   # hub ids -> cached folders, once
     setup.validate_config(cfg, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     # the tiny variant's models and data, and the prepared dataset, are written once, by process 0
@@ -61,6 +81,7 @@ def train(cfg, workdir: str) -> dict:
     reward_path, lrm_path = parallel.process_zero_first(setup.resolve_reward_paths, cfg, workdir, name="rewards")
     with cfg.unlocked():
         cfg.teacher, cfg.data_dir, cfg.reward.path, cfg.lrm.path = teacher_dir, raw_data, reward_path, lrm_path
+    setup.check_resume(cfg, workdir)
     checkpoint.save_config(workdir, cfg)
     mesh = parallel.make_mesh(dict(cfg.mesh))
     log.info("mesh: %s", parallel.describe(mesh))
@@ -82,5 +103,5 @@ def train(cfg, workdir: str) -> dict:
         data_stats=lambda: it.stats.as_dict())
     result = loop_lib.train(job, cfg, workdir)
     if result.step >= cfg.total_steps:
-        export(run, result.state, workdir, cfg.export_dtype)
+        export(run, result.state, result.step, workdir, cfg.export_dtype)
     return result.metrics

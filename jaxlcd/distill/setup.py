@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlcd import data as data_lib
-from jaxlcd import parallel, tiny
+from jaxlcd import parallel, paths, tiny
 from jaxlcd.export import add_cond_proj
 from jaxlcd.pipeline import check_pipeline_dir, encode_prompts, load_pipeline
 from jaxlcd.rewards import load_reward, parse_reward_expression
@@ -94,6 +95,46 @@ def _validate_guidance(cfg) -> None:
             raise ConfigValueError(f"config.{key}: {path!r} does not exist")
 
 
+def resolve_model_ids(cfg) -> None:
+    """Replace hub ids (``org/name[@revision]``, `jaxlcd.paths`) in ``cfg.teacher``, ``cfg.reward.path`` (each part
+    of "name=path,...") and ``cfg.lrm.path`` by their cached local folders, fetching them first when online."""
+    def reward_part(part: str) -> str:
+        name, sep, path = part.rpartition("=")
+        return f"{name}{sep}{paths.resolve_model_path(path, 'config.reward.path')}"
+
+    with cfg.unlocked():
+        cfg.teacher = paths.resolve_model_path(cfg.teacher, "config.teacher")
+        cfg.reward.path = ",".join(reward_part(p) for p in cfg.reward.path.split(",")) if cfg.reward.path else ""
+        cfg.lrm.path = paths.resolve_model_path(cfg.lrm.path, "config.lrm.path")
+
+
+# what a resumed run may not change: the model the checkpoint holds, the shape of its state, the images it sees
+FIXED_ON_RESUME = ("teacher", "resolution", "lcd.w_embedding_dim", "lrm.enabled", "optim.frozen", "optim.lr_mults")
+
+
+def check_resume(cfg, workdir: str) -> None:
+    """Raise InputError (naming the key) when ``workdir`` holds checkpoints trained with another value of a key in
+    FIXED_ON_RESUME than ``cfg`` has. Learning rate, schedule, total steps and cadences may change (the loop applies
+    them); a changed data_dir is caught by `prepare_data`."""
+    ckpts, saved_path = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "config.json")
+    if not (os.path.isdir(ckpts) and os.listdir(ckpts) and os.path.isfile(saved_path)):
+        return
+    with open(saved_path) as f:
+        saved = json.load(f)
+
+    def get(tree, key):
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
+    current = json.loads(cfg.to_json_best_effort())
+    for key in FIXED_ON_RESUME:
+        old, new = get(saved, key), get(current, key)
+        if old is not None and old != new and not (old in ([], ()) and new in ([], ())):
+            raise InputError(f"config.{key} cannot change when resuming: the checkpoints in {workdir} were trained "
+                             f"with {old!r}, this run has {new!r}; use a new workdir (or the old value)")
+
+
 def builds_own_inputs(cfg) -> bool:
     """True for the variant that needs no user paths: tiny (random models built in the workdir)."""
     return cfg.variant == "tiny"
@@ -121,6 +162,14 @@ def prepare_data(data_dir: str, out_dir: str) -> str:
     folder prepared once into ``out_dir``. Returns the folder for `jaxlcd.data.make_train_iterator`."""
     if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
         return data_dir
+    try:
+        prepared_from = data_lib.read_prepare_stats(out_dir)["src_dir"]
+    except (InputError, OSError, KeyError):
+        prepared_from = None   # nothing prepared yet
+    if prepared_from is not None and prepared_from != os.path.abspath(data_dir):
+        raise InputError(f"{out_dir} was prepared from {prepared_from}, but config.data_dir is now "
+                         f"{os.path.abspath(data_dir)}; train on new data in a new workdir (or delete {out_dir} to "
+                         "prepare it again, which restarts the data order)")
     stats = data_lib.prepare_folder_dataset(data_dir, out_dir)
     log.info("dataset: %d usable image-caption pairs; skipped while preparing: %s", stats["count"],
              {k: v for k, v in stats["skipped"].items() if v} or "none")

@@ -21,7 +21,7 @@ from jaxlcd.models import vae as vae_lib
 from jaxlcd.pipeline import load_pipeline
 from jaxlcd.rewards.lrm import LatentReward
 from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
-from jaxlcd import tiny
+from jaxlcd import paths, tiny
 from jaxlcd.errors import InputError
 from jaxlcd.training import loop as loop_lib
 from jaxlcd.training.optimizer import make_optimizer
@@ -87,7 +87,7 @@ def pretrain(cfg, workdir: str) -> dict:
     from jaxlcd.distill.setup import prepare_data
 
     os.makedirs(workdir, exist_ok=True)
-    teacher, raw = cfg.teacher, cfg.data_dir
+    teacher, raw = paths.resolve_model_path(cfg.teacher, "config.teacher"), cfg.data_dir
     if cfg.variant == "tiny":
         teacher = teacher or tiny.write_teacher_folder(os.path.join(workdir, "tiny_teacher"), seed=cfg.seed)
         if not raw:

@@ -22,6 +22,7 @@ from jaxlcd.errors import TrainingError
 from jaxlcd.training import checkpoint
 from jaxlcd.training.evaluators import Evaluator
 from jaxlcd.training.metrics import MetricWriter, StopFlag
+from jaxlcd.training.optimizer import refresh_hyperparams
 
 log = logging.getLogger("jaxlcd")
 
@@ -83,6 +84,11 @@ def train(job: Job, cfg, workdir: str) -> Result:
         state, data_state = ckpt.restore(start, checkpoint.abstract_like(state, job.state_shardings))
         job.batches.set_state(checkpoint.this_host_data_state(data_state))
         log.info("resumed from the checkpoint at step %d", start)
+        if cfg.get("optim") is not None and hasattr(state, "opt_state"):
+            opt_state, changed = refresh_hyperparams(state.opt_state, cfg.optim)
+            state = jax.device_put(state.replace(opt_state=opt_state), job.state_shardings)
+            for name, (old, new) in changed.items():
+                log.warning("resuming with optim.%s=%g (the checkpoint was trained with %g)", name, new, old)
     step_fn = jax.jit(job.step_fn, in_shardings=(job.state_shardings, job.frozen_shardings,
                                                  parallel.batch_sharding(job.mesh)),
                       out_shardings=(job.state_shardings, parallel.replicated(job.mesh)), donate_argnums=0)

@@ -97,3 +97,30 @@ def optim_config(**values) -> ml_collections.ConfigDict:
                                      "lr_mults": ()})
     cfg.update(values)
     return cfg
+
+
+def refresh_hyperparams(opt_state, cfg):
+    """``opt_state`` with the hyper-parameters that `make_optimizer` keeps in the state (``inject_hyperparams``)
+    set from ``cfg`` (an ``optim`` section): a resumed run trains with the config it is given, not the one it was
+    checkpointed with. The rate is set only for a constant schedule without rate multiples (a schedule is a
+    function of the step, rebuilt from ``cfg`` anyway). Returns (new opt_state, {name: (old, new)} of what
+    changed)."""
+    values = {k: cfg.get(k) for k in ("b1", "b2", "eps", "weight_decay") if cfg.get(k) is not None}
+    if cfg.get("schedule", "constant") == "constant" and not cfg.get("lr_mults"):
+        values["learning_rate"] = cfg.learning_rate
+    changed = {}
+
+    def refresh(node):
+        if not (hasattr(node, "hyperparams") and isinstance(node.hyperparams, dict)):
+            return node
+        hyperparams = dict(node.hyperparams)
+        for name, value in values.items():
+            if name in hyperparams:
+                old = hyperparams[name]
+                if float(old) != float(value):
+                    changed[name] = (float(old), float(value))
+                    hyperparams[name] = jax.numpy.asarray(value, old.dtype)
+        return node._replace(hyperparams=hyperparams)
+
+    is_node = lambda n: hasattr(n, "hyperparams") and isinstance(getattr(n, "hyperparams"), dict)
+    return jax.tree_util.tree_map(refresh, opt_state, is_leaf=is_node), changed
