@@ -86,7 +86,7 @@ def train(job: Job, cfg, workdir: str) -> Result:
         log.info("resumed from the checkpoint at step %d", start)
         if cfg.get("optim") is not None and hasattr(state, "opt_state"):
             opt_state, changed = refresh_hyperparams(state.opt_state, cfg.optim)
-            state = jax.device_put(state.replace(opt_state=opt_state), job.state_shardings)
+            state = state.replace(opt_state=opt_state)
             for name, (old, new) in changed.items():
                 log.warning("resuming with optim.%s=%g (the checkpoint was trained with %g)", name, new, old)
     step_fn = jax.jit(job.step_fn, in_shardings=(job.state_shardings, job.frozen_shardings,

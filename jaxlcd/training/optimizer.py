@@ -18,6 +18,7 @@ from typing import Sequence
 
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from jaxlcd.errors import InputError
@@ -119,7 +120,8 @@ def refresh_hyperparams(opt_state, cfg):
                 old = hyperparams[name]
                 if float(old) != float(value):
                     changed[name] = (float(old), float(value))
-                    hyperparams[name] = jax.numpy.asarray(value, old.dtype)
+                    new = np.asarray(value, old.dtype)   # placed like the value it replaces
+                    hyperparams[name] = jax.device_put(new, old.sharding) if hasattr(old, "sharding") else new
         return node._replace(hyperparams=hyperparams)
 
     is_node = lambda n: hasattr(n, "hyperparams") and isinstance(getattr(n, "hyperparams"), dict)
