@@ -102,8 +102,9 @@ def train_clip(cfg, workdir: str) -> dict:
                                     it, make_batch)
     result = loop_lib.train(job, cfg, workdir)
     last, out = result.metrics, os.path.join(workdir, "clip")
+    params = parallel.to_host(result.state.params)   # every process takes part; process 0 writes
     if jax.process_index() == 0:
-        save_component(module, jax.device_get(result.state.params), out)
+        save_component(module, params, out)
         build_clip_tokenizer_files(out)
     log.info("saved the CLIP to %s (last loss %.4g, in-batch accuracy %.3f)", out, last.get("loss", float("nan")),
              last.get("accuracy", float("nan")))

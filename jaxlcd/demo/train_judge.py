@@ -125,7 +125,7 @@ def train_judge(cfg, workdir: str) -> dict:
     job = loop_lib.single_model_job("judge", cfg, TrainState.create(params, tx, cfg.seed),
                                     make_judge_step(module, tx), it, parallel.global_batch)
     result = loop_lib.train(job, cfg, workdir)
-    last, params = result.metrics, jax.device_get(result.state.params)
+    last, params = result.metrics, parallel.to_host(result.state.params)
     out = os.path.join(workdir, "judge")
     if jax.process_index() != 0:   # one process writes and scores the judge
         return last

@@ -206,7 +206,7 @@ def sample_evaluator(name: str, ecfg, context: dict):
         return None
 
     def run(state, step, final):
-        unet_ema, text_ema = context["split"](jax.device_get(state.ema_params))
+        unet_ema, text_ema = context["split"](parallel.to_host(state.ema_params))
         return {f"cfg{g:g}_{k}": v for g in ecfg.guidance
                 for k, v in sample_check(context["pipe"], unet_ema, judge_dir, ecfg.prompts, guidance=g,
                                          text_params=text_ema).items()}
@@ -245,7 +245,7 @@ def train_teacher(cfg, workdir: str) -> dict:
                                     frozen=pipe.text_params, evaluators=evals)
     result = loop_lib.train(job, cfg, workdir)
     last = result.metrics
-    unet_ema, text_ema = split(jax.device_get(result.state.ema_params))
+    unet_ema, text_ema = split(parallel.to_host(result.state.ema_params))
     if jax.process_index() == 0:
         save_component(pipe.unet, unet_ema, os.path.join(teacher_dir, "unet"))
         if text_ema is not None:

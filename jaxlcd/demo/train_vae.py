@@ -144,7 +144,7 @@ def reconstruction_evaluator(name: str, ecfg, context: dict):
     if not judge_dir:
         return None
     return evaluators.Evaluator(name, int(ecfg.get("every", 0)), lambda state, step, final: reconstruction_check(
-        context["vae"], jax.device_get(state.params), judge_dir, resolution=context["resolution"]))
+        context["vae"], parallel.to_host(state.params), judge_dir, resolution=context["resolution"]))
 
 
 def train_vae(cfg, workdir: str) -> dict:
@@ -167,7 +167,7 @@ def train_vae(cfg, workdir: str) -> dict:
                                     lambda host, mesh: parallel.global_batch({"pixels": host["pixels"]}, mesh),
                                     evaluators=evals)
     result = loop_lib.train(job, cfg, workdir)
-    last, params = result.metrics, jax.device_get(result.state.params)
+    last, params = result.metrics, parallel.to_host(result.state.params)
     if cfg.train_encoder:
         sf = latent_scaling_factor(vae, params, [next(it)["pixels"] for _ in range(4)])
     else:  # same encoder, same latents: keep the factor a teacher trained on them was built with

@@ -113,8 +113,9 @@ def pretrain(cfg, workdir: str) -> dict:
                                     make_pretrain_step(module, pipe.vae, tx), it, make_batch, frozen=pipe.vae_params)
     result = loop_lib.train(job, cfg, workdir)
     out = os.path.join(workdir, "lrm")
+    params = parallel.to_host(result.state.params)   # every process takes part; process 0 writes
     if jax.process_index() == 0:
-        save_component(module, jax.device_get(result.state.params), out)
+        save_component(module, params, out)
         build_clip_tokenizer_files(os.path.join(out, "tokenizer"))
         log.info("saved the pretrained LRM to %s (use --config.lrm.path=%s)", out, out)
     return result.metrics
