@@ -93,7 +93,7 @@ def train(cfg, workdir: str) -> dict:
         prepared, tokenizer=run.pipe.tokenizer,
         resolution=cfg.resolution, batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,
         random_crop=cfg.random_crop, random_flip=cfg.random_flip)
-    context = {"run": run, "workdir": workdir, "resolution": cfg.resolution, "config": cfg}
+    context = {"run": run, "workdir": workdir, "resolution": cfg.resolution}
     job = loop_lib.Job(
         name="train", mesh=mesh, state=run.state, state_shardings=run.state_shardings,
         step_fn=make_train_step(run.models, cfg.lcd, run.tx, run.abar, cfg.reward, cfg.lrm),
