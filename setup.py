@@ -30,6 +30,8 @@ setup(
         "tensorboardX>=2.6,<3",
         "transformers>=5,<6",   # CLIPTokenizer (the text encoder itself is our Flax port)
         "huggingface-hub>=1.0,<3",   # hub ids of teachers and reward models (jaxlcd.paths)
+        "etils[epath]>=1.7,<2",      # one path API for local and gs:// workdirs (jaxlcd.storage); orbax uses it too
+        "gcsfs>=2024.6,<2027.0",     # epath's gs:// backend (without TensorFlow)
     ],
     extras_require={
         # PyTorch reference stack for parity tests; install torch first as the CPU build
@@ -42,6 +44,7 @@ setup(
             "pytest-xdist>=3.5,<4",  # pytest.ini runs two workers
             "ftfy>=6,<7",
             "regex",
+            "gcp-storage-emulator>=2024.8,<2027.0",  # a local GCS API for the gs:// workdir test
         ],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlcd import storage
 from jaxlcd.pipeline import PipelineError, check_pipeline_dir, read_model_index
 from jaxlcd.diffusion.schedule import read_scheduler_config
 from jaxlcd.loaders import load_component, save_component
@@ -135,8 +136,12 @@ def export_checkpoint(workdir: str, out_dir: str, step=None, which: str = "stude
     state, _ = ckpt.restore(step, jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract))
     ckpt.close()
-    params = state.params if which == "student" else state.target_params
-    return export_student_pipeline(out_dir, cfg.teacher, student, jax.device_get(params), dtype)
+    params = jax.device_get(state.params if which == "student" else state.target_params)
+    if storage.is_remote(out_dir) and storage.exists(storage.join(out_dir, "model_index.json")):
+        raise PipelineError(f"export folder {out_dir!r} exists; choose a new folder")
+    with storage.staged_dir(out_dir, marker="model_index.json") as local_out:
+        export_student_pipeline(local_out, cfg.teacher, student, params, dtype)
+    return out_dir
 
 
 def main(argv=None) -> int:
@@ -145,8 +150,9 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m jaxlcd.export",
                                  description="Export a jaxlcd training checkpoint as a diffusers LCM pipeline folder.")
-    ap.add_argument("--workdir", required=True, help="the training workdir (holds config.json and checkpoints/)")
-    ap.add_argument("--out", required=True, help="new output folder")
+    ap.add_argument("--workdir", required=True, help="the training workdir (holds config.json and checkpoints/); "
+                                                     "a local path or gs://bucket/path")
+    ap.add_argument("--out", required=True, help="new output folder (local or gs://)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     ap.add_argument("--which", choices=("student", "target"), default="student",
                     help="the trained student or its EMA target")

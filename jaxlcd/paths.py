@@ -3,7 +3,7 @@
 A hub id is fetched once with huggingface_hub into its standard cache (``HF_HUB_CACHE``, by default
 ~/.cache/huggingface/hub), only the files jaxlcd reads (safetensors, json, tokenizer files); later runs, and runs
 with ``HF_HUB_OFFLINE=1``, use the cached copy. Local folders always win: a path that exists is never looked up.
-Cloud-storage paths (``gs://``) are not supported yet.
+Cloud-storage folders (``gs://bucket/model``) are copied once to local disk (`jaxlcd.storage.local_copy`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,12 @@ def is_hub_id(path: str) -> bool:
 
 def resolve_model_path(path: str, key: str = "path") -> str:
     """A local folder for ``path``: itself (user-expanded) when it is not a hub id, else the cached snapshot of the
-    hub repository (fetched first when online). ``key`` names the setting in errors (e.g. "config.teacher")."""
+    hub repository (fetched first when online), or the local copy of a ``gs://`` folder. ``key`` names the setting in
+    errors (e.g. "config.teacher")."""
+    from jaxlcd import storage
+
+    if storage.is_remote(path):
+        return storage.local_copy(path, key)
     if not is_hub_id(path):
         return os.path.expanduser(path) if path else path
     from huggingface_hub import constants, snapshot_download

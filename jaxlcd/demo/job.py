@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from jaxlcd import parallel
+from jaxlcd import parallel, storage
 from jaxlcd.demo import demo_path, shapes
 from jaxlcd.errors import InputError
 
@@ -30,8 +30,8 @@ def baseline_config(cfg, name: str):
 
 def prepare_shapes(cfg, workdir: str) -> str:
     """The shapes dataset (the first ``cfg.shapes_examples`` scenes of seed 0 at ``cfg.resolution``) prepared once
-    in ``workdir/data``; returns its folder."""
-    data_root = os.path.join(workdir, "data")
+    in ``workdir/data`` (local beside a gs:// workdir); returns its folder."""
+    data_root = os.path.join(storage.local_dir(workdir), "data")
     parallel.process_zero_first(lambda: shapes.prepare_shapes_dataset(
         data_root, num_examples=cfg.shapes_examples, resolution=cfg.resolution, seed=0), name="shapes")
     return shapes.version_dir(data_root, shapes.BUILDER_NAME)
@@ -56,6 +56,9 @@ def run(cfg, workdir: str) -> list[dict]:
     from jaxlcd.demo import evaluate
     from jaxlcd.distill.job import train
 
+    if storage.is_remote(workdir):
+        raise InputError(f"the demo world's job runs in a local workdir, not {workdir!r}; cloud-storage workdirs are "
+                         "for the distill and lrm_pretrain jobs (e.g. --config=configs/rglcd.py:tiny)")
     parallel.maybe_initialize_distributed()
     data_dir = prepare_shapes(cfg, workdir) if cfg.data_dir in ("", SHAPES_DATA) else ""
     for name in cfg.demo.baselines:

@@ -1,13 +1,11 @@
 """The LCM sample-grid evaluator: PNG grids of the student at each LCM step count on fixed prompts and latents."""
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from PIL import Image
 
-from jaxlcd import parallel
+from jaxlcd import parallel, storage
 from jaxlcd.diffusion import schedule
 from jaxlcd.pipeline import encode_prompts, lcm_generate
 from jaxlcd.sample import make_grid, to_uint8
@@ -24,13 +22,14 @@ def sample_grids(run, prompts, steps, resolution: int, params, out_dir: str, tag
     params = parallel.to_host(params)   # every process takes part; process 0 samples and writes
     if jax.process_index() != 0:
         return
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     for n in steps:
         ts = tuple(int(t) for t in schedule.lcm_timesteps(n))
         noises = jax.random.normal(jax.random.PRNGKey(n), (n - 1,) + shape) if n > 1 else None
         _, images = lcm_generate(params, pipe.vae_params, z, ctx, np.float32(guidance), run.abar, noises,
                                  unet=student, vae=pipe.vae, timesteps=ts, kind=run.models.prediction_type)
-        Image.fromarray(make_grid(to_uint8(np.asarray(images)))).save(os.path.join(out_dir, f"{tag}_lcm{n}.png"))
+        with storage.open_file(storage.join(out_dir, f"{tag}_lcm{n}.png"), "wb") as f:
+            Image.fromarray(make_grid(to_uint8(np.asarray(images)))).save(f, format="PNG")
 
 
 def make_grid_evaluator(name: str, ecfg, context: dict):
@@ -39,7 +38,7 @@ def make_grid_evaluator(name: str, ecfg, context: dict):
     end). Context: ``run`` (`jaxlcd.distill.setup.Run`), ``workdir``, ``resolution``. None when ``steps`` is empty."""
     if not ecfg.get("steps"):
         return None
-    run, out_dir = context["run"], os.path.join(context["workdir"], "samples")
+    run, out_dir = context["run"], storage.join(context["workdir"], "samples")
 
     def run_grids(state, step: int, final: bool) -> dict:
         sample_grids(run, ecfg["prompts"], ecfg["steps"], context["resolution"], state.params, out_dir,

@@ -9,12 +9,13 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 
 import jax
 import numpy as np
 
 from jaxlcd import data as data_lib
-from jaxlcd import parallel
+from jaxlcd import parallel, storage
 from jaxlcd.distill import setup
 from jaxlcd.distill.step import make_train_step
 from jaxlcd.export import export_student_pipeline
@@ -39,8 +40,7 @@ def device_batch(host_batch: dict, models) -> dict:
 def exported_step(workdir: str):
     """The training step ``workdir/export`` was written from (None when there is no complete export)."""
     try:
-        with open(os.path.join(workdir, "export", "step.json")) as f:
-            return int(json.load(f)["step"])
+        return int(json.loads(storage.read_text(storage.join(workdir, "export", "step.json")))["step"])
     except (OSError, ValueError, KeyError):
         return None
 
@@ -49,14 +49,17 @@ def export(run, state, step: int, workdir: str, export_dtype: str) -> None:
     """Write the student and its EMA target as diffusers pipelines (and the online LRM) to ``workdir/export``,
     marked with ``step`` (``export/step.json``); an export of the same step is kept, an older one replaced. The
     folder is written next to it and renamed into place, so a killed export leaves the previous one (or none), never
-    a partial one. Every process gathers the (possibly cross-process sharded) params; process 0 writes."""
+    a partial one (on cloud storage: uploaded with step.json last). Every process gathers the (possibly cross-process
+    sharded) params; process 0 writes."""
     if exported_step(workdir) == step:
         return
     params = parallel.to_host({"student": state.params, "target": state.target_params, "lrm": state.lrm_params})
     if jax.process_index() != 0:
         return
     dtype = np.float16 if export_dtype == "float16" else np.float32
-    final, tmp = os.path.join(workdir, "export"), os.path.join(workdir, f"export.tmp-{step}")
+    final = storage.join(workdir, "export")
+    tmp = tempfile.mkdtemp(prefix=f"jaxlcd-export-{step}-") if storage.is_remote(workdir) \
+        else os.path.join(workdir, f"export.tmp-{step}")   # beside the final folder: the rename is atomic
     shutil.rmtree(tmp, ignore_errors=True)
     for name in ("student", "target"):
         export_student_pipeline(os.path.join(tmp, name), run.teacher_dir, run.models.student, params[name], dtype)
@@ -64,9 +67,7 @@ def export(run, state, step: int, workdir: str, export_dtype: str) -> None:
         save_component(run.models.lrm.module, params["lrm"], os.path.join(tmp, "lrm"))
     with open(os.path.join(tmp, "step.json"), "w") as f:
         json.dump({"step": step}, f)
-    if os.path.exists(final):   # a stale or partial export: replaced
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    storage.publish_dir(tmp, final, marker="step.json")   # a stale or partial export is replaced
     log.info("exported the student and its EMA target at step %d to %s", step, final)
 
 
@@ -75,7 +76,8 @@ def train(cfg, workdir: str) -> dict:
     parallel.maybe_initialize_distributed()
     parallel.process_zero_first(setup.resolve_model_ids, cfg, name="hub")   # hub ids -> cached folders, once
     setup.validate_config(cfg, jax.device_count())
-    os.makedirs(workdir, exist_ok=True)
+    storage.check_bucket(workdir)
+    storage.makedirs(workdir)
     # the tiny variant's models and data, and the prepared dataset, are written once, by process 0
     teacher_dir, raw_data = parallel.process_zero_first(setup.resolve_inputs, cfg, workdir, name="inputs")
     reward_path, lrm_path = parallel.process_zero_first(setup.resolve_reward_paths, cfg, workdir, name="rewards")
@@ -88,7 +90,8 @@ def train(cfg, workdir: str) -> dict:
     run = setup.build_run(cfg, teacher_dir, mesh)
 
     global_batch = cfg.per_device_batch * jax.device_count()
-    prepared = parallel.process_zero_first(setup.prepare_data, raw_data, os.path.join(workdir, "data"), name="data")
+    prepared = parallel.process_zero_first(setup.prepare_data, raw_data,
+                                           os.path.join(storage.local_dir(workdir), "data"), name="data")
     it = data_lib.make_train_iterator(
         prepared, tokenizer=run.pipe.tokenizer,
         resolution=cfg.resolution, batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlcd import data as data_lib
-from jaxlcd import parallel, paths, tiny
+from jaxlcd import parallel, paths, storage, tiny
 from jaxlcd.export import add_cond_proj
 from jaxlcd.pipeline import check_pipeline_dir, encode_prompts, load_pipeline
 from jaxlcd.rewards import load_reward, parse_reward_expression
@@ -61,7 +61,7 @@ def validate_config(cfg, num_devices: int) -> None:
         if not cfg.data_dir:
             raise ConfigValueError("config.data_dir is empty: pass --config.data_dir=/path/to/image_caption_folder")
     for key in ("teacher", "data_dir"):
-        if cfg[key] and not os.path.isdir(cfg[key]):
+        if cfg[key] and not storage.is_remote(cfg[key]) and not os.path.isdir(cfg[key]):
             raise ConfigValueError(f"config.{key}={cfg[key]!r} does not exist")
     if cfg.teacher:
         check_pipeline_dir(cfg.teacher)
@@ -96,8 +96,9 @@ def _validate_guidance(cfg) -> None:
 
 
 def resolve_model_ids(cfg) -> None:
-    """Replace hub ids (``org/name[@revision]``, `jaxlcd.paths`) in ``cfg.teacher``, ``cfg.reward.path`` (each part
-    of "name=path,...") and ``cfg.lrm.path`` by their cached local folders, fetching them first when online."""
+    """Replace hub ids (``org/name[@revision]``, `jaxlcd.paths`) and ``gs://`` folders in ``cfg.teacher``,
+    ``cfg.reward.path`` (each part of "name=path,...") and ``cfg.lrm.path`` by their cached local folders, fetching
+    them first when needed."""
     def reward_part(part: str) -> str:
         name, sep, path = part.rpartition("=")
         return f"{name}{sep}{paths.resolve_model_path(path, 'config.reward.path')}"
@@ -116,11 +117,10 @@ def check_resume(cfg, workdir: str) -> None:
     """Raise InputError (naming the key) when ``workdir`` holds checkpoints trained with another value of a key in
     FIXED_ON_RESUME than ``cfg`` has. Learning rate, schedule, total steps and cadences may change (the loop applies
     them); a changed data_dir is caught by `prepare_data`."""
-    ckpts, saved_path = os.path.join(workdir, "checkpoints"), os.path.join(workdir, "config.json")
-    if not (os.path.isdir(ckpts) and os.listdir(ckpts) and os.path.isfile(saved_path)):
+    ckpts, saved_path = storage.epath(storage.join(workdir, "checkpoints")), storage.join(workdir, "config.json")
+    if not (ckpts.is_dir() and any(ckpts.iterdir()) and storage.exists(saved_path)):
         return
-    with open(saved_path) as f:
-        saved = json.load(f)
+    saved = json.loads(storage.read_text(saved_path))
 
     def get(tree, key):
         for part in key.split("."):
@@ -141,9 +141,9 @@ def builds_own_inputs(cfg) -> bool:
 
 
 def resolve_inputs(cfg, workdir: str) -> tuple[str, str]:
-    """(teacher folder, data folder), absolute; the tiny variant builds what is not given inside the workdir once
-    (`jaxlcd.tiny`)."""
-    teacher, data = cfg.teacher, cfg.data_dir
+    """(teacher folder, data folder), absolute; the tiny variant builds what is not given once, in the workdir
+    (in `storage.local_dir` of a cloud workdir; `jaxlcd.tiny`)."""
+    teacher, data, workdir = cfg.teacher, cfg.data_dir, storage.local_dir(workdir)
     if cfg.variant == "tiny":
         if not teacher:
             teacher = os.path.join(workdir, "tiny_teacher")
@@ -153,13 +153,15 @@ def resolve_inputs(cfg, workdir: str) -> tuple[str, str]:
             data = os.path.join(workdir, "tiny_data")
             if not os.path.isdir(data):
                 tiny.write_image_folder(data, n=32, resolution=cfg.resolution, seed=cfg.seed)
-    return os.path.abspath(teacher), os.path.abspath(data)
+    return storage.absolute(teacher), storage.absolute(data)
 
 
 def prepare_data(data_dir: str, out_dir: str) -> str:
     """The prepared training data for ``data_dir``: ``data_dir`` itself when it already holds a prepared dataset
     (a tfds folder with dataset_info.json, e.g. from `jaxlcd.data.prepare_folder_dataset`), else an image-caption
-    folder prepared once into ``out_dir``. Returns the folder for `jaxlcd.data.make_train_iterator`."""
+    folder prepared once into ``out_dir``. Returns the folder for `jaxlcd.data.make_train_iterator`. A ``gs://``
+    data_dir is copied to local disk first (`storage.local_copy`)."""
+    data_dir = storage.local_copy(data_dir, "config.data_dir")
     if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
         return data_dir
     try:
@@ -178,7 +180,7 @@ def prepare_data(data_dir: str, out_dir: str) -> str:
 
 def resolve_reward_paths(cfg, workdir: str) -> tuple[str, str]:
     """(reward path, LRM path); the tiny variant builds a tiny random CLIP / LRM in the workdir once."""
-    reward, lrm = cfg.reward.path, cfg.lrm.path
+    reward, lrm, workdir = cfg.reward.path, cfg.lrm.path, storage.local_dir(workdir)
     if cfg.variant == "tiny":
         if cfg.reward.name and not reward:
             reward = os.path.join(workdir, "tiny_reward")

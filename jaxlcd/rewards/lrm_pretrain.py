@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxlcd import data as data_lib
-from jaxlcd import parallel
+from jaxlcd import parallel, storage
 from jaxlcd.models import lrm as lrm_lib
 from jaxlcd.models import vae as vae_lib
 from jaxlcd.pipeline import load_pipeline
@@ -69,7 +69,7 @@ def contrastive_update(state: TrainState, tx, loss_fn):
 def _initial_lrm(cfg, workdir: str, latent_size: int):
     """(module, params): from cfg.init (an LRM folder) or freshly initialised from cfg.arch at this latent size."""
     if cfg.init:
-        return load_component(cfg.init)
+        return load_component(paths.resolve_model_path(cfg.init, "config.init"))
     if cfg.get("model"):
         config = dict(cfg.model.to_dict(), architectures=["LatentRewardModel"])
     elif cfg.arch == "tiny":
@@ -82,28 +82,40 @@ def _initial_lrm(cfg, workdir: str, latent_size: int):
     return module, params
 
 
-def pretrain(cfg, workdir: str) -> dict:
-    """Run (or resume) LRM pretraining in ``workdir``; returns the last logged metrics."""
+def _prepare_inputs(cfg, local: str) -> tuple[str, str, str]:
+    """(teacher folder, prepared data folder, LRM tokenizer folder); the tiny variant's teacher and images are built
+    in ``local`` once."""
     from jaxlcd.distill.setup import prepare_data
 
-    os.makedirs(workdir, exist_ok=True)
     teacher, raw = paths.resolve_model_path(cfg.teacher, "config.teacher"), cfg.data_dir
     if cfg.variant == "tiny":
-        teacher = teacher or tiny.write_teacher_folder(os.path.join(workdir, "tiny_teacher"), seed=cfg.seed)
+        if not teacher:
+            teacher = os.path.join(local, "tiny_teacher")
+            if not os.path.isfile(os.path.join(teacher, "model_index.json")):
+                tiny.write_teacher_folder(teacher, seed=cfg.seed)
         if not raw:
-            raw = os.path.join(workdir, "tiny_data")
+            raw = os.path.join(local, "tiny_data")
             if not os.path.isdir(raw):
                 tiny.write_image_folder(raw, n=32, resolution=cfg.resolution, seed=cfg.seed)
     for key, path in (("teacher", teacher), ("data_dir", raw)):
-        if not path or not os.path.isdir(path):
+        if not path or not (storage.is_remote(path) or os.path.isdir(path)):
             raise InputError(f"config.{key}={path!r} is not a folder; pass --config.{key}=/path")
+    tok_dir = build_clip_tokenizer_files(os.path.join(local, "lrm_tokenizer"))
+    return teacher, prepare_data(raw, os.path.join(local, "data")), tok_dir
+
+
+def pretrain(cfg, workdir: str) -> dict:
+    """Run (or resume) LRM pretraining in ``workdir`` (local or gs://); returns the last logged metrics."""
+    parallel.maybe_initialize_distributed()
+    storage.check_bucket(workdir)
+    storage.makedirs(workdir)
+    local = storage.local_dir(workdir)   # the workdir, or a local folder beside a gs:// one
+    teacher, prepared, tok_dir = parallel.process_zero_first(_prepare_inputs, cfg, local, name="inputs")
     pipe = load_pipeline(teacher)
     module, params = _initial_lrm(cfg, workdir, cfg.resolution // 8)
-    tok_dir = build_clip_tokenizer_files(os.path.join(workdir, "lrm_tokenizer"))
     lrm = LatentReward(module, params, load_tokenizer(tok_dir))
     tx = make_optimizer(cfg.optim, cfg.total_steps)
     global_batch = cfg.per_device_batch * jax.device_count()
-    prepared = prepare_data(raw, os.path.join(workdir, "data"))
     it = data_lib.make_train_iterator(prepared, tokenizer=pipe.tokenizer, resolution=cfg.resolution,
                                       batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,
                                       random_crop=cfg.random_crop, random_flip=cfg.random_flip)
@@ -112,10 +124,11 @@ def pretrain(cfg, workdir: str) -> dict:
     job = loop_lib.single_model_job("lrm pretrain", cfg, TrainState.create(params, tx, cfg.seed),
                                     make_pretrain_step(module, pipe.vae, tx), it, make_batch, frozen=pipe.vae_params)
     result = loop_lib.train(job, cfg, workdir)
-    out = os.path.join(workdir, "lrm")
+    out = storage.join(workdir, "lrm")
     params = parallel.to_host(result.state.params)   # every process takes part; process 0 writes
     if jax.process_index() == 0:
-        save_component(module, params, out)
-        build_clip_tokenizer_files(os.path.join(out, "tokenizer"))
+        with storage.staged_dir(out, marker="config.json") as local_out:
+            save_component(module, params, local_out)
+            build_clip_tokenizer_files(os.path.join(local_out, "tokenizer"))
         log.info("saved the pretrained LRM to %s (use --config.lrm.path=%s)", out, out)
     return result.metrics

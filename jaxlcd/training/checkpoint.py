@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxlcd import storage
 from jaxlcd.errors import InputError, MissingFileError
 
 
@@ -19,7 +19,7 @@ class Checkpointer:
     """
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = storage.absolute(storage.join(workdir, "checkpoints"))   # orbax reads gs:// itself
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
@@ -67,14 +67,13 @@ def save_config(workdir: str, config) -> None:
     """``<workdir>/config.json``: the run's full config (for export and for humans); process 0 writes."""
     if jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    storage.makedirs(workdir)
+    storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def load_config_dict(workdir: str) -> dict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = storage.join(workdir, "config.json")
+    storage.check_bucket(workdir)
+    if not storage.exists(path):
         raise MissingFileError(f"{workdir!r} has no config.json; is it a jaxlcd training workdir?")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
