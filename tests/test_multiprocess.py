@@ -28,7 +28,8 @@ UNET = os.path.join("export", "student", "unet", "diffusion_pytorch_model.safete
 def _env(**extra):
     # the launcher sets the device count; drop conftest's 8 simulated devices
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return dict(env, DEVICES="2", XLA_FLAGS="--xla_backend_optimization_level=0", PYTHON=sys.executable, **extra)
+    return {**env, "DEVICES": "2", "XLA_FLAGS": "--xla_backend_optimization_level=0", "PYTHON": sys.executable,
+            **extra}
 
 
 def _launch(workdir, *args, **popen):
@@ -151,3 +152,45 @@ def test_kill_of_one_process_ends_the_other_within_a_minute(tmp_path):
     survivor = (tmp_path / "p0.log").read_text()
     assert rc != 0 and took < 60
     assert "jaxlcd.main: error: process 0 of 2 stops" in survivor or "another task died" in survivor, survivor[-3000:]
+
+
+def _run(workdir, nproc, *args):
+    """Launch ``nproc`` processes x 1 device to the end; returns the combined output."""
+    proc = subprocess.run(["bash", LAUNCH, str(nproc), str(workdir), *args], cwd=REPO, env=_env(DEVICES="1"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc.stdout + proc.stderr
+
+
+SHORT = ["--config.per_device_batch=2", "--config.log_every=1", "--config.total_steps=2", "--config.checkpoint_every=2",
+         "--config.evals.grids.steps=()"]
+
+
+@pytest.mark.parametrize("variant,metric,exported", [("tiny,rm", "reward", "student"), ("tiny,lrm", "lrm_loss", "lrm")])
+def test_reward_guided_variants_run_as_two_processes_with_fsdp_across(tmp_path, variant, metric, exported):
+    workdir = tmp_path / "run"
+    out = _run(workdir, 2, f"--config=configs/rglcd.py:{variant}", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+               *SHORT)
+    assert "mesh data=1 fsdp=2" in out and "| 2 processes" in out
+    with open(workdir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r[metric]) for r in records)
+    assert os.path.isfile(workdir / "export" / exported / ("config.json" if exported == "lrm" else "model_index.json"))
+
+
+def test_four_processes_one_device_each_train_data_parallel(tmp_path):
+    workdir = tmp_path / "dp"
+    out = _run(workdir, 4, "--config=configs/rglcd.py:tiny", "--config.mesh.data=-1", "--config.mesh.fsdp=1", *SHORT)
+    assert "mesh data=4 fsdp=1" in out and "| 4 x cpu (cpu) | 4 processes" in out
+    assert sorted(_losses(workdir)) == [1, 2] and all(np.isfinite(v) for v in _losses(workdir).values())
+    hosts = json.loads((workdir / "checkpoints" / "2" / "data" / "metadata").read_text())["hosts"]
+    assert len(hosts) == 4 and all(h["grain"]["next_index"] == 4 for h in hosts)   # 2 steps x 2 examples per host
+    assert os.path.isfile(workdir / UNET)
+
+
+def test_lrm_pretraining_runs_as_two_processes(tmp_path):
+    workdir = tmp_path / "lrm"
+    out = _run(workdir, 2, "--config=configs/lrm_pretrain.py:tiny", "--config.per_device_batch=4",
+               "--config.total_steps=2", "--config.checkpoint_every=2", "--config.log_every=1")
+    assert "| 2 processes" in out
+    assert sorted(_losses(workdir)) == [1, 2] and os.path.isfile(workdir / "lrm" / "config.json")

@@ -142,6 +142,7 @@ def single_model_job(name: str, cfg, state, step_fn: Callable, batches, make_bat
     placed by the fsdp rules (replicated when ``mesh.fsdp`` is 1), frozen params replicated;
     ``make_batch(host batch, mesh)`` -> global batch."""
     mesh = parallel.make_mesh(dict(cfg.mesh))
+    log.info("mesh: %s", parallel.describe(mesh))
     state, state_shardings = parallel.place(state, mesh)
     frozen, frozen_shardings = parallel.place(frozen, mesh, parallel.REPLICATE_RULES) if frozen is not None \
         else (None, None)
