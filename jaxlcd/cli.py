@@ -115,10 +115,13 @@ def make_flags_parser(prog: str):
     return parse
 
 
-def fail(prog: str, error: BaseException) -> None:
-    """Print ``prog: error: <one sentence>`` to stderr and exit with status 2."""
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    sys.exit(2)
+def fail(prog: str, error) -> None:
+    """Print ``prog: error: <one sentence>`` to stderr and exit with status 2 at once: an orderly interpreter shutdown
+    would wait for other processes of a multi-process run and print the tracebacks of orbax's abandoned writes."""
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(2)
 
 
 def stop_if_multi_process(prog: str) -> None:
@@ -143,9 +146,28 @@ def setup_logging() -> None:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax/grain are chatty at INFO
+    logging.getLogger("absl").addFilter(_one_line_orbax_errors)
+    sys.unraisablehook = _ignore_closed_event_loops
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger = logging.getLogger("jaxlcd")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def _one_line_orbax_errors(record: logging.LogRecord) -> bool:
+    """orbax logs each failed background write with its full traceback (hundreds of lines when a disk fills); jaxlcd
+    reports the failure itself (WriteError), so orbax's records are cut to their first line."""
+    if record.levelno >= logging.ERROR and "orbax" in record.pathname:
+        record.msg, record.args = record.getMessage().splitlines()[0][:500], ()
+        record.exc_info = record.exc_text = None
+    return True
+
+
+def _ignore_closed_event_loops(unraisable) -> None:
+    """Drop the "Event loop is closed" errors tensorstore callbacks raise after orbax abandons a failed save (one
+    per pending write); anything else goes to Python's default hook."""
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+        return
+    sys.__unraisablehook__(unraisable)

@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxlcd import cli
-from jaxlcd.errors import InputError, JaxlcdError
+from jaxlcd.errors import InputError, JaxlcdError, describe_os_error
 
 config_flags.DEFINE_config_file("config", cli.resolve_config_path("configs/rglcd.py"), "training config file[:variant]", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, logs, samples and exports", required=True)
@@ -42,6 +42,8 @@ def main(argv):
         job_function(FLAGS.config.get("job", "distill"))(FLAGS.config, FLAGS.workdir)
     except JaxlcdError as e:
         cli.fail("jaxlcd.main", e)
+    except OSError as e:   # the workdir's disk or permissions (a bug shows as another exception type)
+        cli.fail("jaxlcd.main", describe_os_error(e))
     except Exception:
         cli.stop_if_multi_process("jaxlcd.main")   # ends this process at once when others are involved
         raise

@@ -118,7 +118,7 @@ def refresh_hyperparams(opt_state, cfg):
         for name, value in values.items():
             if name in hyperparams:
                 old = hyperparams[name]
-                if float(old) != float(value):
+                if float(old) != float(np.asarray(value, old.dtype)):   # as stored (float32): 0.9 is not 0.9
                     changed[name] = (float(old), float(value))
                     new = np.asarray(value, old.dtype)   # placed like the value it replaces
                     hyperparams[name] = jax.device_put(new, old.sharding) if hasattr(old, "sharding") else new
