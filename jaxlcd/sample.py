@@ -28,7 +28,9 @@ class UsageError(InputError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxlcd.sample", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json, unet/, vae/, ...)")
+    p.add_argument("--model", required=True, help="diffusers pipeline folder (model_index.json, unet/, vae/, ...), "
+                                                  "hub id org/name[@revision], or gs://bucket/folder")
+    p.add_argument("--variant", default="", help="weights variant, e.g. fp16: *.fp16.safetensors where present")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompts-file", help="text file with one prompt per non-empty line (added after --prompt)")
     p.add_argument("--sampler", choices=("lcm", "ddim"), default="lcm",
@@ -121,7 +123,7 @@ def _setup(args):
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     prompts = read_prompts(args)
-    pipe = pl.load_pipeline(resolve_model_path(args.model, "--model"), dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    pipe = pl.load_pipeline(resolve_model_path(args.model, "--model", args.variant), dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     if args.sampler == "lcm":
         pl.require_lcm(pipe)
         if args.steps > int(pipe.scheduler_config.get("original_inference_steps", 50)):

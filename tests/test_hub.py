@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import load_config
@@ -65,3 +66,54 @@ def test_training_config_hub_ids_resolve_to_the_cached_folders(hub_cache, tmp_pa
     assert paths.resolve_model_path(local) == local and not paths.is_hub_id(local)   # local folders win
     with pytest.raises(InputError, match="config.teacher='jaxlcd-test/nope' is neither a local folder"):
         paths.resolve_model_path("jaxlcd-test/nope", "config.teacher")
+
+
+@pytest.fixture(scope="module")
+def fp16_hub_cache(tmp_path_factory):
+    """A hub cache whose ``jaxlcd-test/tiny-fp16`` has fp16 variant weights only in unet/ and vae/ (float16 tensors);
+    the text encoder keeps its plain float32 weights, as in repositories that lack some variants."""
+    from safetensors.numpy import load_file, save_file
+
+    cache = tmp_path_factory.mktemp("hub16")
+    repo = cache / "models--jaxlcd-test--tiny-fp16"
+    snap = repo / "snapshots" / COMMIT
+    tiny.write_teacher_folder(str(snap))
+    for sub in ("unet", "vae"):
+        plain = snap / sub / "diffusion_pytorch_model.safetensors"
+        save_file({k: v.astype("float16") for k, v in load_file(str(plain)).items()},
+                  str(snap / sub / "diffusion_pytorch_model.fp16.safetensors"), metadata={"format": "pt"})
+        plain.unlink()   # as if fetched with the variant's patterns: only the fp16 file is cached
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return cache, snap
+
+
+def test_a_variant_selects_the_fp16_weights_of_a_cached_hub_id(fp16_hub_cache, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from safetensors.numpy import load_file
+
+    from jaxlcd.pipeline import load_pipeline
+
+    cache, snap = fp16_hub_cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("JAXLCD_CACHE", str(tmp_path / "jaxlcd_cache"))
+    view = paths.resolve_model_path("jaxlcd-test/tiny-fp16", "config.teacher", "fp16")
+    assert os.path.isfile(os.path.join(view, "unet", "diffusion_pytorch_model.safetensors"))
+    assert os.path.isfile(os.path.join(view, "text_encoder", "model.safetensors"))   # no variant: the plain file
+    pipe = load_pipeline(view)
+    fp16 = load_file(str(snap / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    assert fp16["conv_in.bias"].dtype.name == "float16"
+    np.testing.assert_array_equal(np.asarray(pipe.unet_params["conv_in"]["bias"]),
+                                  fp16["conv_in.bias"].astype(np.float32))
+    assert paths.resolve_model_path("jaxlcd-test/tiny-fp16", "config.teacher") == str(snap)   # no variant: as is
+
+
+def test_sample_cli_takes_a_variant(fp16_hub_cache, tmp_path):
+    cache, _ = fp16_hub_cache
+    proc = subprocess.run([sys.executable, "-m", "jaxlcd.sample", "--model", "jaxlcd-test/tiny-fp16", "--variant",
+                           "fp16", "--prompt", "a red circle", "--sampler", "ddim", "--steps", "2", "--out",
+                           str(tmp_path / "o")], cwd=tmp_path, capture_output=True, text=True,
+                          env=dict(_offline_env(cache), JAXLCD_CACHE=str(tmp_path / "jc")))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "o" / "grid.png").is_file()

@@ -34,6 +34,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.job = "jaxlcd.demo.job:pretrain_lrm" if arg == "demo" else "lrm_pretrain"  # demo: the shapes data + teacher
     c.variant = arg
     c.teacher = ""               # diffusers pipeline folder (its VAE makes the latents; "" with tiny: built)
+    c.teacher_variant = ""       # e.g. "fp16": the teacher's *.fp16.safetensors (see configs/rglcd.py)
     c.data_dir = ""              # image-caption folder or prepared dataset ("" with tiny: generated; demo: shapes)
     c.arch = "latent_rn50"       # latent_rn50 | latent_vit | tiny (a tiny latent_vit)
     c.model = {}                 # a full LatentRewardModel config instead of arch (the demo's small latent_vit)

@@ -57,6 +57,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.variant = arg
     c.guidance = guidance
     c.teacher = ""                 # diffusers pipeline folder of the teacher ("" with tiny: built in workdir)
+    c.teacher_variant = ""         # e.g. "fp16": use (and from the hub fetch only) the *.fp16.safetensors weights
     c.data_dir = ""                # image-caption folder (sidecar .txt or captions.jsonl), prepared on first use
     c.resolution = 512             # training image size (pixels); latents are resolution / 8
     c.per_device_batch = 16        # images per device per step; global batch = per_device_batch * devices

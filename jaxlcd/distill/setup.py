@@ -104,7 +104,7 @@ def resolve_model_ids(cfg) -> None:
         return f"{name}{sep}{paths.resolve_model_path(path, 'config.reward.path')}"
 
     with cfg.unlocked():
-        cfg.teacher = paths.resolve_model_path(cfg.teacher, "config.teacher")
+        cfg.teacher = paths.resolve_model_path(cfg.teacher, "config.teacher", cfg.get("teacher_variant", ""))
         cfg.reward.path = ",".join(reward_part(p) for p in cfg.reward.path.split(",")) if cfg.reward.path else ""
         cfg.lrm.path = paths.resolve_model_path(cfg.lrm.path, "config.lrm.path")
 

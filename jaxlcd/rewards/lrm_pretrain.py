@@ -87,7 +87,7 @@ def _prepare_inputs(cfg, local: str) -> tuple[str, str, str]:
     in ``local`` once."""
     from jaxlcd.distill.setup import prepare_data
 
-    teacher, raw = paths.resolve_model_path(cfg.teacher, "config.teacher"), cfg.data_dir
+    teacher, raw = paths.resolve_model_path(cfg.teacher, "config.teacher", cfg.get("teacher_variant", "")), cfg.data_dir
     if cfg.variant == "tiny":
         if not teacher:
             teacher = os.path.join(local, "tiny_teacher")
