@@ -3,8 +3,9 @@
 #
 #   launch/tpu_pod.sh TPU_NAME ZONE WORKDIR [extra --config.key=value ...]
 #
-# WORKDIR must be shared by all hosts (a gs:// bucket or a mounted filesystem); the teacher folder and the data
-# folder given with --config.teacher / --config.data_dir must be readable on every host at the same path.
+# WORKDIR must be shared by all hosts: a gs://bucket/run (jaxlcd/storage.py; the prepared data is kept on each
+# host's local disk) or a mounted filesystem. The teacher and data given with --config.teacher / --config.data_dir
+# are gs:// folders (copied once to each host), hub ids, or local folders present on every host at the same path.
 # jax.distributed.initialize() is called automatically on multi-host TPU slices (see jaxlcd/parallel.py).
 # Assumes the repo is checked out at ~/jaxlcd on each worker (this script installs it there once).
 set -euo pipefail

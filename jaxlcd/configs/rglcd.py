@@ -9,8 +9,8 @@ Run:
 Variants: demo (the default: the shipped shapes-world teacher distilled with its CLIP as a direct reward, after an
 LCD baseline in WORKDIR/baselines/lcd, then the evaluation table in WORKDIR/eval), demo_lcd (no reward), demo_lrm
 (the shipped LRM with the CLIP as expert); tiny (random tiny teacher + a generated image-caption folder, built in the workdir),
-sd15, sd21base, sd21 (the reference hyper-parameters of docs/algorithm.md section 2; teacher and data are
-local folders you pass). Override any key with --config.key=value.
+sd15, sd21base, sd21 (the reference hyper-parameters of docs/algorithm.md section 2; teacher and data are folders,
+gs:// folders or hub ids you pass). Override any key with --config.key=value.
 
 Reward guidance (docs/algorithm.md sections 3-4): append ``,GUIDANCE`` to the variant, e.g.
     python -m jaxlcd.main --config=configs/rglcd.py:sd21base,hps --workdir=DIR --config.teacher=... \
