@@ -253,6 +253,12 @@ def maybe_initialize_distributed() -> bool:
     return True
 
 
+def barrier(name: str) -> None:
+    """Wait until every process has reached this point (no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"jaxlcd:{name}")
+
+
 def process_zero_first(fn: Callable, *args, name: str):
     """``fn(*args)`` on process 0, then, after every process has reached the same point, on the others: for work
     that writes shared files once and reuses them when they exist (data preparation, the tiny variant's models).
@@ -260,7 +266,7 @@ def process_zero_first(fn: Callable, *args, name: str):
     if jax.process_count() == 1:
         return fn(*args)
     out = fn(*args) if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices(f"jaxlcd:{name}")
+    barrier(name)
     return out if jax.process_index() == 0 else fn(*args)
 
 

@@ -67,10 +67,6 @@ def exists(path: str) -> bool:
     return epath(path).exists() if is_remote(path) else os.path.exists(path)
 
 
-def isdir(path: str) -> bool:
-    return epath(path).is_dir() if is_remote(path) else os.path.isdir(path)
-
-
 def makedirs(path: str) -> None:
     if is_remote(path):
         epath(path).mkdir(parents=True, exist_ok=True)
@@ -91,8 +87,16 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    with open_file(path, "w", encoding="utf-8") as f:
+    """Write a whole text file: locally through a temporary file and a rename (a reader never sees half of it);
+    a cloud object is replaced whole by its upload anyway."""
+    if is_remote(path):
+        with open_file(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
+    os.replace(tmp, path)
 
 
 def rmtree(path: str) -> None:

@@ -42,6 +42,12 @@ def _losses(workdir):
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+def _why(out: str) -> str:
+    """What a failed launch said: every line naming an error (each process's), then the end of the output."""
+    errors = [line for line in out.splitlines() if "rror" in line and not line.startswith(" ")]
+    return "\n".join(errors[-30:]) + "\n...\n" + out[-3000:]
+
+
 def _children(pid):
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
@@ -52,7 +58,7 @@ def reference(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mp") / "run"
     proc = _launch(workdir, *RUN, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 0, _why(out)
     return workdir, out
 
 
@@ -93,7 +99,7 @@ def test_kill_both_processes_then_resume_reproduces_the_losses(reference, tmp_pa
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
     resumed = _launch(workdir, *RUN, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = resumed.communicate(timeout=900)
-    assert resumed.returncode == 0, out[-3000:]
+    assert resumed.returncode == 0, _why(out)
     assert "resumed from the checkpoint at step 2" in out
     want, got = _losses(ref_dir), _losses(workdir)
     for step in (1, 2, 3, 4):
@@ -113,7 +119,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_with_a_checkpoint(tm
         os.kill(_children(launcher.pid)[1], signal.SIGTERM)   # process 1 only
         launcher.wait(timeout=300)
     log_text = (tmp_path / "term.log").read_text()
-    assert launcher.returncode == 0, log_text[-3000:]
+    assert launcher.returncode == 0, _why(log_text)
     assert "SIGTERM: saved the checkpoint at step" in log_text
     saved = [int(d) for d in os.listdir(workdir / "checkpoints")]
     assert len(saved) == 1 and saved[0] >= max(_losses(workdir))
@@ -158,7 +164,7 @@ def _run(workdir, nproc, *args):
     """Launch ``nproc`` processes x 1 device to the end; returns the combined output."""
     proc = subprocess.run(["bash", LAUNCH, str(nproc), str(workdir), *args], cwd=REPO, env=_env(DEVICES="1"),
                           capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert proc.returncode == 0, _why(proc.stdout + proc.stderr)
     return proc.stdout + proc.stderr
 
 

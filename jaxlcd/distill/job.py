@@ -84,6 +84,7 @@ def train(cfg, workdir: str) -> dict:
     with cfg.unlocked():
         cfg.teacher, cfg.data_dir, cfg.reward.path, cfg.lrm.path = teacher_dir, raw_data, reward_path, lrm_path
     setup.check_resume(cfg, workdir)
+    parallel.barrier("config")   # every process has read the old config.json before process 0 replaces it
     checkpoint.save_config(workdir, cfg)
     mesh = parallel.make_mesh(dict(cfg.mesh))
     log.info("mesh: %s", parallel.describe(mesh))
