@@ -32,6 +32,7 @@ setup(
         "huggingface-hub>=1.0,<3",   # hub ids of teachers and reward models (jaxlcd.paths)
         "etils[epath]>=1.7,<2",      # one path API for local and gs:// workdirs (jaxlcd.storage); orbax uses it too
         "gcsfs>=2024.6,<2027.0",     # epath's gs:// backend (without TensorFlow)
+        "braceexpand>=0.1.7,<0.2",   # webdataset shard patterns /data/{00000..00099}.tar (jaxlcd.data.shards)
     ],
     extras_require={
         # PyTorch reference stack for parity tests; install torch first as the CPU build

@@ -136,3 +136,20 @@ def test_no_credentials_is_one_sentence(local_inputs, scratch):
     env.update(HOME=str(scratch), CLOUDSDK_CONFIG=str(scratch / "gcloud"), NO_GCE_CHECK="True")
     line = _cli_error(cli(local_inputs, f"gs://{BUCKET}/run_no_creds"), env)
     assert "no credentials were found" in line and "gcloud auth application-default login" in line
+
+
+def test_webdataset_shards_on_gs_are_indexed_and_read_in_place(emulator, scratch):
+    from jaxlcd.data import shards
+    from test_shards import GOOD_PER_SHARD, write_shards
+
+    local = str(scratch / "shards")
+    write_shards(local)
+    storage.publish_dir(shutil.copytree(local, str(scratch / "shards_up")), f"gs://{BUCKET}/shards", marker="none")
+    meta = shards.index_shards(f"gs://{BUCKET}/shards/{{00000..00002}}.tar", str(scratch / "gs_index"))
+    assert meta["count"] == 3 * GOOD_PER_SHARD + 2 and meta["skipped"]["truncated_member"] == 1
+    source = shards.ShardSource(str(scratch / "gs_index"))
+    local_meta = shards.index_shards(local, str(scratch / "local_index"))
+    local_source = shards.ShardSource(str(scratch / "local_index"))
+    assert meta["count"] == local_meta["count"]
+    for i in (0, 5, len(source) - 1):
+        assert source[i]["image"] == local_source[i]["image"] and source[i]["caption"] == local_source[i]["caption"]

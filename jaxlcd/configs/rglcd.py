@@ -58,7 +58,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.guidance = guidance
     c.teacher = ""                 # diffusers pipeline folder of the teacher ("" with tiny: built in workdir)
     c.teacher_variant = ""         # e.g. "fp16": use (and from the hub fetch only) the *.fp16.safetensors weights
-    c.data_dir = ""                # image-caption folder (sidecar .txt or captions.jsonl), prepared on first use
+    c.data_dir = ""                # image-caption folder (sidecar .txt or captions.jsonl), prepared on first use, or
+    #                                webdataset shards read in place: a folder of .tar, "/d/{00000..00099}.tar", a
+    #                                list file; local or gs://
     c.resolution = 512             # training image size (pixels); latents are resolution / 8
     c.per_device_batch = 16        # images per device per step; global batch = per_device_batch * devices
     c.total_steps = 10_000
@@ -79,6 +81,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.remat = False                # rematerialise each UNet block in the backward pass
     c.random_crop = False
     c.random_flip = False
+    # skip samples: an image side under min_size pixels (0: keep all); with LAION-style json metadata in webdataset
+    # shards, pwatermark above max_watermark or aesthetic below min_aesthetic (1.0 / 0.0: keep all)
+    c.data_filter = ml_collections.ConfigDict({"min_size": 0, "max_watermark": 1.0, "min_aesthetic": 0.0})
     c.export_dtype = "float32"     # dtype of the exported diffusers folders: float32 | float16
 
     c.lcd = ml_collections.ConfigDict()

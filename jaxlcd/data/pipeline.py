@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
+from jaxlcd.data import shards
 from jaxlcd.data.folder import version_dir
 from jaxlcd.tokenizer import tokenize
 from jaxlcd.errors import InputError
@@ -94,8 +95,8 @@ def _resize_crop(img: Image.Image, resolution: int, rng: np.random.Generator | N
 class _Decode:
     """grain random_map: record -> {"pixels", "input_ids", "caption"} or a skip sentinel."""
 
-    def __init__(self, tokenizer, resolution: int, random_crop: bool, random_flip: bool):
-        self.tokenizer, self.resolution = tokenizer, resolution
+    def __init__(self, tokenizer, resolution: int, random_crop: bool, random_flip: bool, min_size: int = 0):
+        self.tokenizer, self.resolution, self.min_size = tokenizer, resolution, min_size
         self.random_crop, self.random_flip = random_crop, random_flip
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
@@ -105,6 +106,8 @@ class _Decode:
             return {_SKIP: "empty_caption", "file": file}
         try:
             with Image.open(io.BytesIO(record["image"])) as img:
+                if min(img.size) < self.min_size:
+                    return {_SKIP: "too_small", "file": file, "error": f"{img.size[0]}x{img.size[1]}"}
                 img.draft(None, (self.resolution, self.resolution))  # JPEG: decode at a reduced scale
                 rgb = _to_rgb(img)
             flip = self.random_flip and bool(rng.random() < 0.5)
@@ -168,8 +171,9 @@ class TrainIterator:
 def make_train_iterator(data_dir: str, *, tokenizer, resolution: int, batch_size_per_host: int, seed: int,
                         random_crop: bool = False, random_flip: bool = False, shard_index: int | None = None,
                         shard_count: int | None = None, num_epochs: int | None = None, worker_count: int = 0,
-                        num_threads: int = 8, prefetch_buffer_size: int = 64) -> TrainIterator:
-    """Host-local training batches from a dataset prepared by `prepare_folder_dataset`.
+                        num_threads: int = 8, prefetch_buffer_size: int = 64, min_size: int = 0) -> TrainIterator:
+    """Host-local training batches from a dataset prepared by `prepare_folder_dataset`, or from webdataset shards
+    indexed by `jaxlcd.data.shards.index_shards` (``data_dir``: the index folder).
 
     Yields dicts: ``"pixels"`` [B, R, R, 3] float32 in [-1, 1] (NHWC, R = ``resolution``),
     ``"input_ids"`` [B, 77] int32 (``jaxlcd.tokenizer.tokenize`` of the caption), ``"caption"`` [B]
@@ -181,7 +185,8 @@ def make_train_iterator(data_dir: str, *, tokenizer, resolution: int, batch_size
     records skipped at read time could give hosts different numbers of batches).
     worker_count > 0 decodes in that many processes (grain mp_prefetch); otherwise ``num_threads``
     threads of this process read ahead up to ``prefetch_buffer_size`` records.
-    Records that fail to decode or have an empty caption are skipped and counted in ``.stats``.
+    Records that fail to decode, have an empty caption or an image side under ``min_size`` are skipped and counted
+    in ``.stats``.
     """
     if shard_index is None or shard_count is None:
         import jax
@@ -191,8 +196,11 @@ def make_train_iterator(data_dir: str, *, tokenizer, resolution: int, batch_size
         raise InputError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
     if resolution <= 0 or batch_size_per_host <= 0:
         raise InputError(f"resolution ({resolution}) and batch_size_per_host ({batch_size_per_host}) must be > 0")
-    source = tfds.builder_from_directory(version_dir(data_dir)).as_data_source(
-        "train", decoders={"image": tfds.decode.SkipDecoding()})
+    if shards.is_shard_index(data_dir):
+        source = shards.ShardSource(data_dir)
+    else:
+        source = tfds.builder_from_directory(version_dir(data_dir)).as_data_source(
+            "train", decoders={"image": tfds.decode.SkipDecoding()})
     per_shard = len(source) // shard_count
     if per_shard < batch_size_per_host:
         raise InputError(f"{data_dir!r} has {len(source)} records, {per_shard} per host for {shard_count} hosts: "
@@ -200,7 +208,7 @@ def make_train_iterator(data_dir: str, *, tokenizer, resolution: int, batch_size
     ds = grain.MapDataset.source(source)[: per_shard * shard_count][shard_index::shard_count]
     ds = ds.shuffle(seed=seed % 2**32).repeat(num_epochs)
     crop_seed = (seed * 1_000_003 + shard_index) % 2**32  # per-host crops/flips
-    ds = ds.random_map(_Decode(tokenizer, resolution, random_crop, random_flip), seed=crop_seed)
+    ds = ds.random_map(_Decode(tokenizer, resolution, random_crop, random_flip, min_size), seed=crop_seed)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     if worker_count > 0:
         from absl import flags

@@ -91,12 +91,13 @@ def train(cfg, workdir: str) -> dict:
     run = setup.build_run(cfg, teacher_dir, mesh)
 
     global_batch = cfg.per_device_batch * jax.device_count()
+    filters = dict(cfg.get("data_filter") or {})
     prepared = parallel.process_zero_first(setup.prepare_data, raw_data,
-                                           os.path.join(storage.local_dir(workdir), "data"), name="data")
+                                           os.path.join(storage.local_dir(workdir), "data"), filters, name="data")
     it = data_lib.make_train_iterator(
         prepared, tokenizer=run.pipe.tokenizer,
         resolution=cfg.resolution, batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,
-        random_crop=cfg.random_crop, random_flip=cfg.random_flip)
+        random_crop=cfg.random_crop, random_flip=cfg.random_flip, min_size=int(filters.get("min_size", 0)))
     context = {"run": run, "workdir": workdir, "resolution": cfg.resolution}
     job = loop_lib.Job(
         name="train", mesh=mesh, state=run.state, state_shardings=run.state_shardings,

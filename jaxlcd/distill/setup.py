@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlcd import data as data_lib
+from jaxlcd.data import shards
 from jaxlcd import parallel, paths, storage, tiny
 from jaxlcd.export import add_cond_proj
 from jaxlcd.pipeline import check_pipeline_dir, encode_prompts, load_pipeline
@@ -61,7 +62,7 @@ def validate_config(cfg, num_devices: int) -> None:
         if not cfg.data_dir:
             raise ConfigValueError("config.data_dir is empty: pass --config.data_dir=/path/to/image_caption_folder")
     for key in ("teacher", "data_dir"):
-        if cfg[key] and not storage.is_remote(cfg[key]) and not os.path.isdir(cfg[key]):
+        if cfg[key] and not storage.is_remote(cfg[key]) and "{" not in cfg[key] and not os.path.exists(cfg[key]):
             raise ConfigValueError(f"config.{key}={cfg[key]!r} does not exist")
     if cfg.teacher:
         check_pipeline_dir(cfg.teacher)
@@ -156,22 +157,32 @@ def resolve_inputs(cfg, workdir: str) -> tuple[str, str]:
     return storage.absolute(teacher), storage.absolute(data)
 
 
-def prepare_data(data_dir: str, out_dir: str) -> str:
-    """The prepared training data for ``data_dir``: ``data_dir`` itself when it already holds a prepared dataset
-    (a tfds folder with dataset_info.json, e.g. from `jaxlcd.data.prepare_folder_dataset`), else an image-caption
-    folder prepared once into ``out_dir``. Returns the folder for `jaxlcd.data.make_train_iterator`. A ``gs://``
-    data_dir is copied to local disk first (`storage.local_copy`)."""
-    data_dir = storage.local_copy(data_dir, "config.data_dir")
-    if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
-        return data_dir
-    try:
-        prepared_from = data_lib.read_prepare_stats(out_dir)["src_dir"]
-    except (InputError, OSError, KeyError):
-        prepared_from = None   # nothing prepared yet
-    if prepared_from is not None and prepared_from != os.path.abspath(data_dir):
-        raise InputError(f"{out_dir} was prepared from {prepared_from}, but config.data_dir is now "
-                         f"{os.path.abspath(data_dir)}; train on new data in a new workdir (or delete {out_dir} to "
-                         "prepare it again, which restarts the data order)")
+def prepare_data(data_dir: str, out_dir: str, filters: dict | None = None) -> str:
+    """The training data for ``data_dir``, for `jaxlcd.data.make_train_iterator`: ``data_dir`` itself when it holds
+    a prepared dataset (a tfds folder with dataset_info.json, from `jaxlcd.data.prepare_folder_dataset`); for
+    webdataset shards (`jaxlcd.data.shards`, read in place, never copied) their index, built once in
+    ``out_dir/shards``; else the image-caption folder prepared once into ``out_dir`` (a ``gs://`` folder is copied to
+    local disk first). ``filters``: ``max_watermark`` / ``min_aesthetic`` for shards with LAION json metadata.
+    A ``data_dir`` other than the one ``out_dir`` was prepared from is refused."""
+    if shards.is_shard_spec(data_dir):
+        src, out = data_dir, os.path.join(out_dir, "shards")
+        previous = shards.read_index_meta(out)
+    else:
+        data_dir = storage.local_copy(data_dir, "config.data_dir")
+        if os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+            return data_dir
+        src, out = os.path.abspath(data_dir), out_dir
+        try:
+            previous = data_lib.read_prepare_stats(out_dir)
+        except (InputError, OSError, KeyError):
+            previous = None   # nothing prepared yet
+    if previous is not None and previous["src_dir"] != src:
+        raise InputError(f"{out} was prepared from {previous['src_dir']}, but config.data_dir is now {src}; train on "
+                         f"new data in a new workdir (or delete {out} to prepare it again, which restarts the data "
+                         "order)")
+    if out != out_dir:
+        shards.index_shards(src, out, filters)
+        return out
     stats = data_lib.prepare_folder_dataset(data_dir, out_dir)
     log.info("dataset: %d usable image-caption pairs; skipped while preparing: %s", stats["count"],
              {k: v for k, v in stats["skipped"].items() if v} or "none")
