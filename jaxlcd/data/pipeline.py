@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageOps
 
-from jaxlcd.data import shards
+from jaxlcd.data import encoded, shards
 from jaxlcd.data.folder import version_dir
 from jaxlcd.tokenizer import tokenize
 from jaxlcd.errors import InputError
@@ -123,9 +123,12 @@ def _text(value) -> str:
 
 
 def _collate(elements) -> dict:
-    return {"pixels": np.stack([e["pixels"] for e in elements]),
-            "input_ids": np.stack([e["input_ids"] for e in elements]).astype(np.int32),
-            "caption": np.array([e["caption"] for e in elements], dtype=object)}
+    """Stack a batch: every array key, plus "caption" as an object array of str."""
+    out = {k: np.stack([e[k] for e in elements]) for k in elements[0] if k != "caption"}
+    if "input_ids" in out:
+        out["input_ids"] = out["input_ids"].astype(np.int32)
+    out["caption"] = np.array([e["caption"] for e in elements], dtype=object)
+    return out
 
 
 class TrainIterator:
@@ -171,16 +174,19 @@ class TrainIterator:
 def make_train_iterator(data_dir: str, *, tokenizer, resolution: int, batch_size_per_host: int, seed: int,
                         random_crop: bool = False, random_flip: bool = False, shard_index: int | None = None,
                         shard_count: int | None = None, num_epochs: int | None = None, worker_count: int = 0,
-                        num_threads: int = 8, prefetch_buffer_size: int = 64, min_size: int = 0) -> TrainIterator:
-    """Host-local training batches from a dataset prepared by `prepare_folder_dataset`, or from webdataset shards
-    indexed by `jaxlcd.data.shards.index_shards` (``data_dir``: the index folder).
+                        num_threads: int = 8, prefetch_buffer_size: int = 64, min_size: int = 0,
+                        drop_remainder: bool = True) -> TrainIterator:
+    """Host-local training batches from a dataset prepared by `prepare_folder_dataset`, from webdataset shards
+    indexed by `jaxlcd.data.shards.index_shards` (``data_dir``: the index folder), or from data pre-encoded by
+    `jaxlcd.encode` (batches of ``"moments"`` [B, h, w, 2c] and ``"ctx"`` [B, 77, D] float32 + ``"caption"``).
 
     Yields dicts: ``"pixels"`` [B, R, R, 3] float32 in [-1, 1] (NHWC, R = ``resolution``),
     ``"input_ids"`` [B, 77] int32 (``jaxlcd.tokenizer.tokenize`` of the caption), ``"caption"`` [B]
     object array of str; B = ``batch_size_per_host`` (the last partial batch is dropped).
 
     shard_index / shard_count default to ``jax.process_index()`` / ``jax.process_count()``: each host
-    reads a disjoint, equal-sized slice (the last ``len % shard_count`` records are left out).
+    reads a disjoint, equal-sized slice (the last ``len % shard_count`` records are left out; with
+    ``drop_remainder=False`` they are read too, and the last batch may be smaller).
     num_epochs None repeats forever (use that on multi-host runs: with a finite number of epochs,
     records skipped at read time could give hosts different numbers of batches).
     worker_count > 0 decodes in that many processes (grain mp_prefetch); otherwise ``num_threads``
@@ -196,19 +202,23 @@ def make_train_iterator(data_dir: str, *, tokenizer, resolution: int, batch_size
         raise InputError(f"shard_index {shard_index} must be in [0, shard_count={shard_count})")
     if resolution <= 0 or batch_size_per_host <= 0:
         raise InputError(f"resolution ({resolution}) and batch_size_per_host ({batch_size_per_host}) must be > 0")
-    if shards.is_shard_index(data_dir):
+    if encoded.is_encoded(data_dir):
+        source = encoded.EncodedSource(data_dir)
+    elif shards.is_shard_index(data_dir):
         source = shards.ShardSource(data_dir)
     else:
         source = tfds.builder_from_directory(version_dir(data_dir)).as_data_source(
             "train", decoders={"image": tfds.decode.SkipDecoding()})
     per_shard = len(source) // shard_count
-    if per_shard < batch_size_per_host:
+    if per_shard < batch_size_per_host and drop_remainder:
         raise InputError(f"{data_dir!r} has {len(source)} records, {per_shard} per host for {shard_count} hosts: "
                          f"fewer than one batch of {batch_size_per_host}; lower the batch size or add images")
-    ds = grain.MapDataset.source(source)[: per_shard * shard_count][shard_index::shard_count]
+    ds = grain.MapDataset.source(source)
+    ds = (ds[: per_shard * shard_count] if drop_remainder else ds)[shard_index::shard_count]
     ds = ds.shuffle(seed=seed % 2**32).repeat(num_epochs)
     crop_seed = (seed * 1_000_003 + shard_index) % 2**32  # per-host crops/flips
-    ds = ds.random_map(_Decode(tokenizer, resolution, random_crop, random_flip, min_size), seed=crop_seed)
+    if not encoded.is_encoded(data_dir):
+        ds = ds.random_map(_Decode(tokenizer, resolution, random_crop, random_flip, min_size), seed=crop_seed)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     if worker_count > 0:
         from absl import flags
@@ -216,5 +226,5 @@ def make_train_iterator(data_dir: str, *, tokenizer, resolution: int, batch_size
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     stats = DataStats()
-    it_ds = it_ds.filter(stats.keep).batch(batch_size_per_host, drop_remainder=True, batch_fn=_collate)
+    it_ds = it_ds.filter(stats.keep).batch(batch_size_per_host, drop_remainder=drop_remainder, batch_fn=_collate)
     return TrainIterator(it_ds, stats, per_shard)

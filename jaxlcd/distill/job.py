@@ -16,6 +16,7 @@ import numpy as np
 
 from jaxlcd import data as data_lib
 from jaxlcd import parallel, storage
+from jaxlcd.data import encoded
 from jaxlcd.distill import setup
 from jaxlcd.distill.step import make_train_step
 from jaxlcd.export import export_student_pipeline
@@ -94,6 +95,8 @@ def train(cfg, workdir: str) -> dict:
     filters = dict(cfg.get("data_filter") or {})
     prepared = parallel.process_zero_first(setup.prepare_data, raw_data,
                                            os.path.join(storage.local_dir(workdir), "data"), filters, name="data")
+    if encoded.is_encoded(prepared):   # made by this teacher's VAE and text encoder, at this resolution?
+        encoded.check_matches(prepared, teacher_dir, cfg.resolution)
     it = data_lib.make_train_iterator(
         prepared, tokenizer=run.pipe.tokenizer,
         resolution=cfg.resolution, batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,

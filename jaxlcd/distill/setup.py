@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlcd import data as data_lib
-from jaxlcd.data import shards
+from jaxlcd.data import encoded, shards
 from jaxlcd import parallel, paths, storage, tiny
 from jaxlcd.export import add_cond_proj
 from jaxlcd.pipeline import check_pipeline_dir, encode_prompts, load_pipeline
@@ -159,11 +159,14 @@ def resolve_inputs(cfg, workdir: str) -> tuple[str, str]:
 
 def prepare_data(data_dir: str, out_dir: str, filters: dict | None = None) -> str:
     """The training data for ``data_dir``, for `jaxlcd.data.make_train_iterator`: ``data_dir`` itself when it holds
-    a prepared dataset (a tfds folder with dataset_info.json, from `jaxlcd.data.prepare_folder_dataset`); for
+    data pre-encoded by `jaxlcd.encode` or a prepared dataset (a tfds folder with dataset_info.json, from
+    `jaxlcd.data.prepare_folder_dataset`); for
     webdataset shards (`jaxlcd.data.shards`, read in place, never copied) their index, built once in
     ``out_dir/shards``; else the image-caption folder prepared once into ``out_dir`` (a ``gs://`` folder is copied to
     local disk first). ``filters``: ``max_watermark`` / ``min_aesthetic`` for shards with LAION json metadata.
     A ``data_dir`` other than the one ``out_dir`` was prepared from is refused."""
+    if encoded.is_encoded(data_dir):
+        return data_dir
     if shards.is_shard_spec(data_dir):
         src, out = data_dir, os.path.join(out_dir, "shards")
         previous = shards.read_index_meta(out)
