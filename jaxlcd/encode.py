@@ -73,7 +73,7 @@ def encode(teacher: str, data_dir: str, out: str, resolution: int = 512, dtype: 
     progress = json.load(open(progress_path)) if os.path.isfile(progress_path) else {"files": 0, "count": 0}
     if progress.get("iterator"):
         it.set_state(progress["iterator"])
-    shapes, done, t0 = None, progress.get("finished", False), time.perf_counter()
+    shapes, t0 = None, time.perf_counter()
     bar = tqdm(desc=f"encode (process {proc})", unit="img", initial=progress["count"], dynamic_ncols=True)
     pending: list[bytes] = []
 
@@ -90,7 +90,7 @@ def encode(teacher: str, data_dir: str, out: str, resolution: int = 512, dtype: 
         os.replace(progress_path + ".tmp", progress_path)   # the file above is finished before it is counted
         pending.clear()
 
-    while not done:
+    while not progress.get("finished"):
         host = next(it, None)
         if host is None:
             break
