@@ -51,7 +51,7 @@ def encode(teacher: str, data_dir: str, out: str, resolution: int = 512, dtype: 
     from array_record.python.array_record_module import ArrayRecordWriter
     from tqdm import tqdm
 
-    from jaxlcd import data as data_lib, parallel, paths
+    from jaxlcd import data as data_lib, parallel, paths, storage
     from jaxlcd.data import encoded
     from jaxlcd.distill.setup import prepare_data
     from jaxlcd.pipeline import load_pipeline
@@ -85,9 +85,7 @@ def encode(teacher: str, data_dir: str, out: str, resolution: int = 512, dtype: 
         writer.close()
         progress.update(files=progress["files"] + 1, count=progress["count"] + len(pending),
                         iterator=it.get_state().decode("utf-8"))
-        with open(progress_path + ".tmp", "w") as f:
-            json.dump(progress, f)
-        os.replace(progress_path + ".tmp", progress_path)   # the file above is finished before it is counted
+        storage.write_text(progress_path, json.dumps(progress))   # the file above is finished before it is counted
         pending.clear()
 
     while not progress.get("finished"):
@@ -109,15 +107,13 @@ def encode(teacher: str, data_dir: str, out: str, resolution: int = 512, dtype: 
         flush()
     bar.close()
     progress.update(finished=True, shapes=shapes or progress.get("shapes"))
-    with open(progress_path, "w") as f:
-        json.dump(progress, f)
+    storage.write_text(progress_path, json.dumps(progress))
     counts = [json.loads(s) for s in parallel.all_processes_strings(json.dumps(progress))]
     meta = {"format": encoded.FORMAT, "teacher": teacher, "teacher_fingerprint": encoded.teacher_fingerprint(teacher_dir),
             "resolution": resolution, "dtype": dtype, "count": sum(c["count"] for c in counts),
             **(progress["shapes"] or {})}
     if proc == 0:
-        with open(os.path.join(out, encoded.METADATA), "w") as f:
-            json.dump(meta, f, indent=2)
+        storage.write_text(os.path.join(out, encoded.METADATA), json.dumps(meta, indent=2))
         log.info("encoded %d examples into %s", meta["count"], out)
     return meta
 

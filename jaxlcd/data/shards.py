@@ -192,8 +192,7 @@ class ShardSource:
     ``{"image": bytes, "caption": str, "file": "shard#offset"}``. Thread-safe (one file handle per read)."""
 
     def __init__(self, index_dir: str):
-        with open(os.path.join(index_dir, META_FILE)) as f:
-            self.shards = json.load(f)["shard_paths"]
+        self.shards = read_index_meta(index_dir)["shard_paths"]
         data = np.load(os.path.join(index_dir, INDEX_FILE))
         self.table, self.is_json = data["table"], data["is_json"]
 
