@@ -95,3 +95,41 @@ def test_encode_cli_bad_dtype_is_one_sentence(inputs, tmp_path, capsys):
 def test_metadata_names_the_teacher(encoded_dir, inputs):
     meta = json.load(open(os.path.join(encoded_dir, encoded.METADATA)))
     assert meta["teacher"] == inputs[0] and meta["teacher_fingerprint"] == encoded.teacher_fingerprint(inputs[0])
+
+
+class _Killed(BaseException):
+    """Stands for a kill: not an Exception, so nothing in encode handles it."""
+
+
+def test_an_interrupted_encode_resumes_to_the_same_records(inputs, encoded_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "interrupted")
+    real = data_lib.make_train_iterator
+
+    def dies_at_the_second_batch(*args, **kwargs):
+        it, calls = real(*args, **kwargs), []
+
+        class Dying:
+            get_state, set_state = it.get_state, it.set_state
+
+            def __next__(self):
+                calls.append(1)
+                if len(calls) == 2:
+                    raise _Killed
+                return next(it)
+        return Dying()
+
+    monkeypatch.setattr(data_lib, "make_train_iterator", dies_at_the_second_batch)
+    with pytest.raises(_Killed):   # batch 1 (16 records) reached 10 and was written as the first file
+        encode(inputs[0], inputs[1], out, resolution=64, dtype="float32", batch_per_device=2, records_per_file=10)
+    assert json.load(open(os.path.join(out, "progress-00000.json")))["count"] == 16
+    assert not os.path.exists(os.path.join(out, encoded.METADATA))
+    with open(os.path.join(out, "part-00000-00001.array_record"), "wb") as f:
+        f.write(b"half a file")    # what a kill during the second file's write leaves
+    monkeypatch.setattr(data_lib, "make_train_iterator", real)
+    assert encode(inputs[0], inputs[1], out, resolution=64, dtype="float32", batch_per_device=2,
+                  records_per_file=10)["count"] == 24
+    resumed, whole = encoded.EncodedSource(out), encoded.EncodedSource(encoded_dir)
+    assert len(resumed) == len(whole) == 24
+    for i in range(24):   # the same examples in the same order: nothing repeated, nothing left out
+        assert resumed[i]["caption"] == whole[i]["caption"]
+        np.testing.assert_array_equal(resumed[i]["moments"], whole[i]["moments"])

@@ -153,3 +153,22 @@ def test_webdataset_shards_on_gs_are_indexed_and_read_in_place(emulator, scratch
     assert meta["count"] == local_meta["count"]
     for i in (0, 5, len(source) - 1):
         assert source[i]["image"] == local_source[i]["image"] and source[i]["caption"] == local_source[i]["caption"]
+
+
+def test_encode_reads_a_gs_teacher_and_gs_shards(gs_inputs, scratch):
+    from jaxlcd.data import encoded
+    from jaxlcd.encode import encode
+    from test_shards import write_shards
+
+    local_shards = str(scratch / "enc_shards")
+    write_shards(local_shards)
+    storage.publish_dir(shutil.copytree(local_shards, str(scratch / "enc_shards_up")), f"gs://{BUCKET}/enc_shards",
+                        marker="none")
+    remote = encode(gs_inputs[0], f"gs://{BUCKET}/enc_shards", str(scratch / "enc_gs"), resolution=64, dtype="float32",
+                    batch_per_device=2)
+    local = encode(storage.local_copy(gs_inputs[0]), local_shards, str(scratch / "enc_local"),
+                   resolution=64, dtype="float32", batch_per_device=2)
+    assert remote["count"] == local["count"] > 0 and remote["teacher"] == gs_inputs[0]
+    assert remote["teacher_fingerprint"] == local["teacher_fingerprint"]
+    a, b = encoded.EncodedSource(str(scratch / "enc_gs")), encoded.EncodedSource(str(scratch / "enc_local"))
+    assert [a[i]["caption"] for i in range(len(a))] == [b[i]["caption"] for i in range(len(b))]

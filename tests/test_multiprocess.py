@@ -200,3 +200,52 @@ def test_lrm_pretraining_runs_as_two_processes(tmp_path):
                "--config.total_steps=2", "--config.checkpoint_every=2", "--config.log_every=1")
     assert "| 2 processes" in out
     assert sorted(_losses(workdir)) == [1, 2] and os.path.isfile(workdir / "lrm" / "config.json")
+
+
+def test_encode_as_two_processes_splits_the_data(tmp_path):
+    """`python -m jaxlcd.encode` in 2 processes (JAX's variables, as on a pod): each process encodes a disjoint half,
+    together every example once, with the moments a one-process encode gives."""
+    from jaxlcd import tiny
+    from jaxlcd.data import encoded
+    from jaxlcd.encode import encode
+
+    teacher = tiny.write_teacher_folder(str(tmp_path / "teacher"))
+    data = tmp_path / "data"
+    tiny.write_image_folder(str(data), n=24, resolution=64, seed=0)
+    for i in range(24):   # unique captions, to match records across encodes
+        caption = data / f"img_{i:04d}.txt"
+        caption.write_text(f"{caption.read_text()} #{i}")
+    out = tmp_path / "encoded"
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    env = {**_env(), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port.getsockname()[1]}", "JAX_NUM_PROCESSES": "2",
+           "JAX_PLATFORMS": "cpu"}
+    port.close()
+    args = [sys.executable, "-m", "jaxlcd.encode", "--teacher", teacher, "--data_dir", str(data), "--out", str(out),
+            "--resolution", "64", "--dtype", "float32", "--batch_per_device", "4"]
+    procs = [subprocess.Popen(args, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], _why("\n".join(outs))
+    meta = encoded.read_metadata(str(out))
+    assert meta["count"] == 24
+    per_process = []
+    for proc in range(2):
+        progress = json.loads((out / f"progress-{proc:05d}.json").read_text())
+        part = tmp_path / f"only{proc}"
+        part.mkdir()
+        for name in os.listdir(out):
+            if name.startswith(f"part-{proc:05d}-"):
+                os.symlink(out / name, part / name)
+        (part / encoded.METADATA).write_text(json.dumps(meta))
+        source = encoded.EncodedSource(str(part))
+        per_process.append({source[i]["caption"]: source[i]["moments"] for i in range(len(source))})
+        assert progress["count"] == len(source) == 12
+    assert not set(per_process[0]) & set(per_process[1])
+    reference = tmp_path / "one_process"
+    encode(teacher, str(data), str(reference), resolution=64, dtype="float32", batch_per_device=4)
+    whole = encoded.EncodedSource(str(reference))
+    together = {**per_process[0], **per_process[1]}
+    assert len(whole) == 24 and set(together) == {whole[i]["caption"] for i in range(24)}
+    for i in range(24):   # float32 rounding: the processes compile at another XLA optimisation level, other batches
+        np.testing.assert_allclose(together[whole[i]["caption"]], whole[i]["moments"], rtol=1e-4, atol=1e-5)

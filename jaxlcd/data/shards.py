@@ -21,6 +21,7 @@ import logging
 import os
 import tarfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -33,6 +34,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
 INDEX_FILE = "shards_index.npz"
 META_FILE = "shards_index.json"
+INDEX_THREADS = 16
 SKIP_REASONS = ("missing_image", "missing_caption", "truncated_member", "unreadable_shard", "filtered")
 
 
@@ -164,10 +166,12 @@ def index_shards(data_dir: str, out_dir: str, filters: dict | None = None) -> di
         return meta
     from tqdm import tqdm
 
-    skipped: Counter = Counter()
-    rows = []
-    for i, path in enumerate(tqdm(shards, desc="indexing shards", unit="shard")):
-        rows += _index_one(i, path, filters, skipped)
+    counters = [Counter() for _ in shards]
+    with ThreadPoolExecutor(INDEX_THREADS) as pool:   # reading headers is I/O: seeks, and round trips on gs://
+        per_shard = pool.map(lambda i: _index_one(i, shards[i], filters, counters[i]), range(len(shards)))
+        rows = [row for shard_rows in tqdm(per_shard, total=len(shards), desc="indexing shards", unit="shard")
+                for row in shard_rows]
+    skipped = sum(counters, Counter())
     if not rows:
         raise InputError(f"config.data_dir={data_dir!r}: its {len(shards)} shards hold no usable image-caption "
                          f"sample (skipped: {dict(skipped) or 'none'})")
