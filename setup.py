@@ -37,7 +37,8 @@ setup(
     extras_require={
         # PyTorch reference stack for parity tests; install torch first as the CPU build
         # (`pip install torch==2.13.0`), see README. open-clip-torch is installed with --no-deps
-        # by .ci/run because its torchvision requirement pulls a CUDA torch.
+        # by .ci/run because its torchvision requirement pulls a CUDA torch; so is torch-fidelity (the FID
+        # reference, tests/fidelity_ref.py).
         "test": [
             "torch>=2.5,<2.15",
             "diffusers>=0.40,<0.43",

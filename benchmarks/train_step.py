@@ -112,7 +112,8 @@ def sd21base_teacher(tmp: str, batch: int):
 
 # ------------------------------------------------------------------------------------------- jax side
 class JaxStep:
-    def __init__(self, cfg, teacher_dir: str, pixels: np.ndarray, ids: np.ndarray):
+    def __init__(self, cfg, teacher_dir: str, pixels: np.ndarray, ids: np.ndarray, batch: dict | None = None):
+        """``batch`` (e.g. pre-encoded {"moments", "ctx"}) replaces {"pixels", "input_ids"} when given."""
         from jaxlcd import parallel
         from jaxlcd.distill.setup import build_run
         from jaxlcd.distill.step import make_train_step
@@ -121,7 +122,7 @@ class JaxStep:
         run = build_run(cfg, teacher_dir, mesh)
         self.run = run
         self.frozen = run.frozen
-        self.batch = {"pixels": jnp.asarray(pixels), "input_ids": jnp.asarray(ids)}
+        self.batch = {k: jnp.asarray(v) for k, v in (batch or {"pixels": pixels, "input_ids": ids}).items()}
         fn = jax.jit(make_train_step(run.models, cfg.lcd, run.tx, run.abar), donate_argnums=0)
         t0 = time.perf_counter()
         self.compiled = fn.lower(run.state, self.frozen, self.batch).compile()

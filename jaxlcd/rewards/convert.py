@@ -4,6 +4,8 @@
     python -m jaxlcd.rewards.convert --allow-pickle ImageReward.pt out/imagereward --kind imagereward \\
         --med-config med_config.json
     python -m jaxlcd.rewards.convert --allow-pickle sa_0_4_vit_l_14_linear.pth out/clip-l --kind aesthetic_head
+    python -m jaxlcd.rewards.convert --allow-pickle pt_inception-2015-12-05-6726825d.pth out/fid_inception.safetensors \
+        --kind fid_inception     # FID Inception (pytorch-fid's or torch-fidelity's file) for jaxlcd.metrics.fid
 
 Pickle files can run arbitrary code when loaded: nothing is read without ``--allow-pickle`` (and torch's
 ``weights_only`` loader is used even then). The output holds only tensors (safetensors) and JSON configs.
@@ -30,17 +32,27 @@ OPEN_CLIP_CONFIGS = {
                  "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12}},
 }
-KINDS = tuple(f"open_clip:{k}" for k in OPEN_CLIP_CONFIGS) + ("imagereward", "aesthetic_head", "raw")
+KINDS = tuple(f"open_clip:{k}" for k in OPEN_CLIP_CONFIGS) + ("imagereward", "aesthetic_head", "fid_inception", "raw")
+FID_INCEPTION_KEYS = ("Conv2d_1a_3x3.conv.weight", "Mixed_7c.branch_pool.conv.weight", "fc.weight")
 
 
 def convert(src: str, out_dir: str, kind: str, med_config: str = "", allow_pickle: bool = False) -> str:
-    """Write ``out_dir`` for ``kind`` from the checkpoint ``src``; returns the main file written."""
+    """Write ``out_dir`` for ``kind`` from the checkpoint ``src``; returns the main file written. For
+    ``fid_inception``, ``out_dir`` may name the ``.safetensors`` file itself."""
     if kind not in KINDS:
         raise InputError(f"unknown --kind {kind!r}; use one of {', '.join(KINDS)}")
     tensors = read_tensor_file(src, allow_pickle=allow_pickle)
     tensors = {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}  # DDP saves
+    if kind == "fid_inception":
+        missing = [k for k in FID_INCEPTION_KEYS if k not in tensors]
+        if missing:
+            raise InputError(f"{src} is not the FID Inception state dict (no {missing[0]!r})")
+        out = out_dir if out_dir.endswith(".safetensors") else os.path.join(out_dir, "fid_inception.safetensors")
+        out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
-    if kind.startswith("open_clip:"):
+    if kind == "fid_inception":
+        pass
+    elif kind.startswith("open_clip:"):
         with open(os.path.join(out_dir, "open_clip_config.json"), "w") as f:
             json.dump({"model_cfg": OPEN_CLIP_CONFIGS[kind.split(":", 1)[1]], "preprocess_cfg": {}}, f, indent=2)
         out = os.path.join(out_dir, "open_clip_model.safetensors")
