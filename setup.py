@@ -47,6 +47,7 @@ setup(
             "ftfy>=6,<7",
             "regex",
             "gcp-storage-emulator>=2024.8,<2027.0",  # a local GCS API for the gs:// workdir test
+            "torchmetrics>=1.6,<2",  # the CLIPScore reference (tests/test_scores.py)
         ],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],

@@ -14,7 +14,8 @@ import sys
 import types
 
 
-def _package():
+def install():
+    """Enter the torch_fidelity package without its __init__ (idempotent); call before importing torchmetrics."""
     if "torch_fidelity" not in sys.modules:
         spec = importlib.util.find_spec("torch_fidelity")
         pkg = types.ModuleType("torch_fidelity")
@@ -27,18 +28,18 @@ def _package():
 
 def inception_class():
     """torch_fidelity.feature_extractor_inceptionv3.FeatureExtractorInceptionV3."""
-    _package()
+    install()
     return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3").FeatureExtractorInceptionV3
 
 
 def resize_tf1():
-    _package()
+    install()
     return importlib.import_module("torch_fidelity.interpolate_compat_tensorflow").interpolate_bilinear_2d_like_tensorflow1x
 
 
 def fid_from_statistics(mu1, sigma1, mu2, sigma2) -> float:
     """torch-fidelity's fid_statistics_to_metric."""
-    _package()
+    install()
     metric = importlib.import_module("torch_fidelity.metric_fid")
     out = metric.fid_statistics_to_metric({"mu": mu1, "sigma": sigma1}, {"mu": mu2, "sigma": sigma2}, verbose=False)
     return out[metric.KEY_METRIC_FID]

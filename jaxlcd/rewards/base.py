@@ -17,7 +17,8 @@ class RewardModel:
     encode_text(params, tokens) -> text features (no gradient is taken through them);
     score_images(params, images [B,H,W,3] float in [0,1], text) -> [B] float32 (differentiable in images);
     logit_scale: the model's contrastive temperature exp(logit_scale); expert logits for the LRM are
-    ``cosine * logit_scale`` (docs/algorithm.md section 4), NaN for rewards that are not a CLIP cosine.
+    ``cosine * logit_scale`` (docs/algorithm.md section 4), NaN for rewards that are not a CLIP cosine;
+    image_size: the square side the model's preprocessing resizes and crops to (224 for the released models).
     The train step takes ``params`` as a frozen argument and closes over the functions.
     """
     name: str
@@ -26,6 +27,7 @@ class RewardModel:
     encode_text: Callable[[Any, dict], Any]
     score_images: Callable[[Any, jax.Array, Any], jax.Array]
     logit_scale: float = float("nan")
+    image_size: int = 224
 
     def text_features(self, params, tokens):
         """encode_text under stop_gradient."""

@@ -78,7 +78,7 @@ def clip_cosine_reward(name: str, module, params, tokenize, antialias: bool = Tr
 
     scale = params["logit_scale"]
     scale = float(np.exp(np.asarray(scale, np.float64))) if isinstance(scale, (np.ndarray, jnp.ndarray)) else 100.0
-    return RewardModel(name, params, tokenize, encode_text, score_images, scale)
+    return RewardModel(name, params, tokenize, encode_text, score_images, scale, size)
 
 
 def _aesthetic(name: str, path: str, dtype, antialias: bool, allow_pickle: bool) -> RewardModel:
@@ -99,10 +99,13 @@ def _aesthetic(name: str, path: str, dtype, antialias: bool, allow_pickle: bool)
         f = f / jnp.linalg.norm(f, axis=-1, keepdims=True)
         return (f @ p["head"]["weight"].T + p["head"]["bias"])[:, 0]
 
-    return RewardModel(name, params, lambda prompts: {}, lambda p, tokens: (), score_images)
+    return RewardModel(name, params, lambda prompts: {}, lambda p, tokens: (), score_images, image_size=size)
 
 
-def _imagereward(name: str, path: str, dtype, antialias: bool, allow_pickle: bool) -> RewardModel:
+def imagereward_model(name: str, path: str, dtype, antialias: bool, allow_pickle: bool,
+                      cap: float | None = IMAGEREWARD_CAP) -> RewardModel:
+    """ImageReward's normalised reward ``(raw - mean) / std``, capped at ``cap`` for training (None: uncapped, as
+    ImageReward's own ``score`` and the evaluation report it)."""
     from jaxlcd.models import blip
 
     module, params, tok = blip.load_imagereward(path, dtype=dtype, allow_pickle=allow_pickle)
@@ -115,13 +118,14 @@ def _imagereward(name: str, path: str, dtype, antialias: bool, allow_pickle: boo
     def score_images(p, images, tokens):
         pixels = reward_pixels(images, size, antialias)
         raw = blip.score(module, p, pixels, tokens["input_ids"], tokens["attention_mask"])
-        return jnp.minimum(blip.reward_from_raw(raw), IMAGEREWARD_CAP)
+        reward = blip.reward_from_raw(raw)
+        return reward if cap is None else jnp.minimum(reward, cap)
 
-    return RewardModel(name, params, tokenize, lambda p, tokens: tokens, score_images)
+    return RewardModel(name, params, tokenize, lambda p, tokens: tokens, score_images, image_size=size)
 
 
 LOADERS = {"hpsv2.1": _clip_cosine, "pickscore": _clip_cosine, "clipscore": _clip_cosine,
-           "imagereward": _imagereward, "aesthetic": _aesthetic}
+           "imagereward": imagereward_model, "aesthetic": _aesthetic}
 
 
 def parse_reward_expression(expr: str) -> list[tuple[float, str]]:
