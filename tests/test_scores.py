@@ -8,11 +8,11 @@ import transformers
 from PIL import Image
 
 import fidelity_ref
-import imagereward_ref  # noqa: F401
 from jaxlcd.errors import InputError
 from jaxlcd.metrics.scores import Scorer, resize_crop
-from test_rewards import hf_clip, imagereward_folder  # noqa: F401  (module fixtures)
+import test_rewards
 
+hf_clip, imagereward_folder = test_rewards.hf_clip, test_rewards.imagereward_folder   # their tiny models
 PROMPTS = ["a red circle on a blue background", "A photo of an astronaut riding a horse!", "a cat", "x"]
 IMAGES = np.random.default_rng(0).integers(0, 256, (4, 45, 72, 3), dtype=np.uint8)   # 32x51 after resizing: margin 19
 
