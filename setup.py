@@ -24,6 +24,7 @@ setup(
         "scipy>=1.11,<2",       # matrix square root of the demo FID
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",   # jaxlcd.eval's plots and grids
         "grain>=0.2.10,<0.3",
         "array-record>=0.7,<0.9",
         "tensorflow-datasets>=4.9.8,<4.10",   # builders + array_record data source; TensorFlow not needed

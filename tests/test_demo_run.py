@@ -41,6 +41,9 @@ def test_eval_refuses_a_workdir_without_a_run_in_one_sentence(tmp_path, capsys):
     assert "holds no jaxlcd run" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps({"teacher": "/nowhere"}))
     assert eval_cli.main(["--workdir", str(tmp_path)]) == 2
+    assert "is not a demo-world run" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text(json.dumps({"teacher": "/nowhere", "job": eval_cli.DEMO_JOB}))
+    assert eval_cli.main(["--workdir", str(tmp_path)]) == 2
     assert "no exported student" in capsys.readouterr().err
 
 
