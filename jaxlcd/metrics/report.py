@@ -8,7 +8,6 @@ import json
 import os
 from typing import Sequence
 
-import numpy as np
 
 LOWER_IS_BETTER = {"fid"}
 GRID_COLUMNS = 8
