@@ -11,6 +11,7 @@ import fidelity_ref
 from jaxlcd.errors import InputError
 from jaxlcd.metrics.scores import Scorer, resize_crop
 import test_rewards
+from conftest import perturb_
 
 hf_clip, imagereward_folder = test_rewards.hf_clip, test_rewards.imagereward_folder   # their tiny models
 PROMPTS = ["a red circle on a blue background", "A photo of an astronaut riding a horse!", "a cat", "x"]
@@ -106,6 +107,30 @@ def test_imagereward_uncapped_equals_the_reference(imagereward_folder):
     ours = Scorer("imagereward", folder)(IMAGES, PROMPTS)
     assert (expected > 2.0).any()                        # the training cap is not applied here
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_hpsv2_benchmark_protocol_equals_open_clip(tmp_path):
+    """HPSv2's evaluation: preprocess_val (torchvision on PIL), encode_image/encode_text normalised, 100 x the
+    diagonal of image_features @ text_features.T."""
+    import json
+
+    from open_clip_ref import open_clip
+    from safetensors.numpy import save_file
+
+    torch.manual_seed(0)
+    model_cfg = dict(embed_dim=16, vision_cfg=dict(layers=2, width=32, patch_size=8, image_size=32, head_width=8),
+                     text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=2))
+    model = perturb_(open_clip.CLIP(**model_cfg), seed=3).eval()
+    save_file({k: v.detach().numpy().copy() for k, v in model.state_dict().items()},
+              str(tmp_path / "open_clip_model.safetensors"))
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    with torch.no_grad():
+        image_features = model.encode_image(torch.stack([_torchvision_on_pil(im, 32) for im in IMAGES]),
+                                            normalize=True)
+        text_features = model.encode_text(open_clip.tokenizer.SimpleTokenizer()(PROMPTS, context_length=77),
+                                          normalize=True)
+        expected = 100 * torch.diagonal(image_features @ text_features.T).numpy()
+    np.testing.assert_allclose(Scorer("hpsv2.1", str(tmp_path))(IMAGES, PROMPTS), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_bad_metric_and_inputs_are_one_sentence(clip_with_processor):
