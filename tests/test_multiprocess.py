@@ -249,3 +249,42 @@ def test_encode_as_two_processes_splits_the_data(tmp_path):
     assert len(whole) == 24 and set(together) == {whole[i]["caption"] for i in range(24)}
     for i in range(24):   # float32 rounding: the processes compile at another XLA optimisation level, other batches
         np.testing.assert_allclose(together[whole[i]["caption"]], whole[i]["moments"], rtol=1e-4, atol=1e-5)
+
+
+def test_eval_as_two_processes_splits_generation_and_equals_one_process(tmp_path):
+    """`python -m jaxlcd.eval` in 2 processes: each generates its half of the images (i % 2), process 0 scores; the
+    images equal a one-process evaluation's."""
+    import jax
+
+    from jaxlcd import export
+    from jaxlcd.eval import main as eval_main
+    from jaxlcd.loaders import load_component
+    from tiny_pipeline import make_pipeline_dir
+
+    teacher = make_pipeline_dir(str(tmp_path / "teacher"), seed=4)
+    unet, params = load_component(os.path.join(teacher, "unet"))
+    student, sparams = export.add_cond_proj(unet, params, rng=jax.random.PRNGKey(2))
+    lcm = export.export_student_pipeline(str(tmp_path / "lcm"), teacher, student, sparams)
+    (tmp_path / "p.txt").write_text("\n".join(f"prompt {i}" for i in range(6)))
+    args = ["--model", lcm, "--prompts", str(tmp_path / "p.txt"), "--steps", "2", "--batch-size", "2"]
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    env = {**_env(), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port.getsockname()[1]}", "JAX_NUM_PROCESSES": "2",
+           "JAX_PLATFORMS": "cpu"}
+    port.close()
+    cmd = [sys.executable, "-m", "jaxlcd.eval", *args, "--out", str(tmp_path / "two")]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], _why("\n".join(outs))
+    assert "| lcm lcm2 |" in outs[0] and "| lcm lcm2 |" not in outs[1]   # process 0 reports
+    rows = json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["lcm lcm2"]
+    folder = tmp_path / "two" / "images" / "lcm_lcm2"
+    assert sorted(os.listdir(folder)) == [f"{i:05d}.png" for i in range(6)] + ["timing-0.json", "timing-1.json"]
+    assert eval_main([*args, "--out", str(tmp_path / "one")]) == 0
+    from PIL import Image
+    for i in range(6):
+        two = np.asarray(Image.open(folder / f"{i:05d}.png"), np.int32)
+        one = np.asarray(Image.open(tmp_path / "one" / "images" / "lcm_lcm2" / f"{i:05d}.png"), np.int32)
+        assert np.abs(two - one).max() <= 2, i   # float rounding of another compile may move a pixel level
