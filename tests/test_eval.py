@@ -98,6 +98,26 @@ def test_a_rerun_generates_nothing_and_gives_the_same_results(setup, capsys):
     assert "| teacher ddim2 |" in capsys.readouterr().out
 
 
+def test_an_interrupted_evaluation_generates_only_what_is_missing(setup):
+    """What a kill leaves: some images of a row missing and no results; the rerun redraws exactly those, equal to
+    the first draw, and writes the same results."""
+    out = setup["out"]
+    before = json.loads((out / "results.json").read_text())
+    row = out / "images" / "lcm_lcm1"
+    kept = {p.name: os.path.getmtime(p) for p in row.glob("*.png")}
+    removed = {name: np.asarray(Image.open(row / name)) for name in ("00009.png", "00014.png")}
+    for name in removed:
+        os.remove(row / name)
+        del kept[name]
+    os.remove(out / "results.json")
+    assert eval_main(setup["argv"]) == 0
+    assert {p.name: os.path.getmtime(p) for p in row.glob("*.png") if p.name in kept} == kept
+    for name, image in removed.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(row / name)), image)
+    after = json.loads((out / "results.json").read_text())
+    assert [r["metrics"] for r in after["rows"]] == [r["metrics"] for r in before["rows"]]
+
+
 def _error(capsys, argv):
     assert eval_main(argv) == 2
     return capsys.readouterr().err.strip().splitlines()[-1]

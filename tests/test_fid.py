@@ -89,6 +89,18 @@ def test_frechet_distance_equals_torch_fidelity(n):
     assert fid.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-4)   # eigvals of a singular product: ~1e-6
 
 
+def test_frechet_distance_equals_the_scipy_sqrtm_formula():
+    """pytorch-fid's computation: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2)) (well-conditioned case)."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0, 1, (400, 32)), rng.normal(0.2, 0.9, (300, 32)) @ rng.normal(0, 0.3, (32, 32))
+    (mu1, s1), (mu2, s2) = fid.statistics(a), fid.statistics(b)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    assert fid.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+
+
 def test_statistics_files_round_trip_and_mix_with_features(tmp_path):
     rng = np.random.default_rng(0)
     a, b = rng.normal(0, 1, (50, 16)), rng.normal(0.5, 1, (40, 16))
