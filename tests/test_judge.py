@@ -14,6 +14,7 @@ from jaxlcd.demo import metrics as eval_metrics
 from jaxlcd.demo import shapes
 from jaxlcd.demo import judge as judge_lib
 from jaxlcd.demo.train_judge import judge_scene, train_judge
+from jaxlcd.metrics.spectral import high_frequency_energy
 
 SHIPPED = os.path.join(REPO, "jaxlcd", "assets", "demo", "judge")
 TINY = judge_lib.JudgeConfig(image_size=32, channels=(8, 16), feature_dim=16)
@@ -135,11 +136,11 @@ def test_high_frequency_energy_separates_checkerboards_gradients_and_renders():
     checker = np.repeat(((i + j) % 2).astype(np.float32)[None, :, :, None], 3, axis=-1)
     smooth = np.repeat((0.5 + 0.5 * np.cos(2 * np.pi * j / 32)).astype(np.float32)[None, :, :, None], 3, axis=-1)
     constant = np.full((2, 32, 32, 3), 0.3, np.float32)
-    assert eval_metrics.high_frequency_energy(checker) == pytest.approx(1.0)
-    assert eval_metrics.high_frequency_energy(smooth) < 1e-6 and eval_metrics.high_frequency_energy(constant) == 0
+    assert high_frequency_energy(checker) == pytest.approx(1.0)
+    assert high_frequency_energy(smooth) < 1e-6 and high_frequency_energy(constant) == 0
     rendered = np.stack([shapes.render(shapes.sample_scene(0, k)) for k in range(4)])
     blurred = scipy.ndimage.gaussian_filter(rendered.astype(np.float32) / 255, (0, 1.5, 1.5, 0))
-    sharp, soft = eval_metrics.high_frequency_energy(rendered), eval_metrics.high_frequency_energy(blurred)
+    sharp, soft = high_frequency_energy(rendered), high_frequency_energy(blurred)
     assert 0.0 < soft < sharp < 0.5
 
 

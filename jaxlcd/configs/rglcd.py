@@ -75,6 +75,32 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.evals.grids.steps = (1, 2, 4)    # LCM step counts (() = no grids)
     c.evals.grids.prompts = VALIDATION_PROMPTS
     c.evals.grids.guidance = 8.5       # g (w = g - 1)
+    # sample metrics of the student (jaxlcd.distill.quality), off until a metric model is given, e.g.
+    # --config.evals.quality.rewards=hpsv2.1=/models/hps,clipscore=/models/clip and/or fid_ref + inception
+    c.evals.quality = ml_collections.ConfigDict()
+    c.evals.quality.type = "lcm_metrics"
+    c.evals.quality.every = 1000
+    c.evals.quality.steps = (2, 4)     # LCM step counts sampled
+    c.evals.quality.prompts = ""       # a prompt file as jaxlcd.eval reads ("": the grid prompts)
+    c.evals.quality.num_prompts = 64
+    c.evals.quality.guidance = 8.5
+    c.evals.quality.batch = 8
+    c.evals.quality.rewards = ""       # "NAME=PATH,...": clipscore, hpsv2.1, pickscore, imagereward, aesthetic
+    c.evals.quality.fid_ref = ""       # FID reference folder or .npz (with inception)
+    c.evals.quality.inception = ""     # FID Inception safetensors (jaxlcd.metrics.fid)
+    # the reward-hacking monitor, off until a held-out reward model is given (--config.evals.hacking.heldout=NAME=PATH)
+    c.evals.hacking = ml_collections.ConfigDict()
+    c.evals.hacking.type = "reward_hacking"
+    c.evals.hacking.every = 500
+    c.evals.hacking.steps = 2
+    c.evals.hacking.prompts = ""
+    c.evals.hacking.num_prompts = 64
+    c.evals.hacking.guidance = 8.5
+    c.evals.hacking.batch = 8
+    c.evals.hacking.heldout = ""       # NAME=PATH of a reward model the run does not optimise (e.g. imagereward=...)
+    c.evals.hacking.train_reward = ""  # NAME=PATH; "": the run's reward model (reward.name, reward.path)
+    c.evals.hacking.stop_if = ml_collections.ConfigDict()
+    c.evals.hacking.stop_if.patience = 0   # K > 0: stop after K evaluations of rising train / falling held-out
     c.seed = 0
     c.compute_dtype = "bfloat16"   # UNet/VAE/text compute dtype; student master weights stay float32
     c.xla_flags = ""               # extra XLA_FLAGS for this run (appended to the environment's)

@@ -26,6 +26,7 @@ from jaxlcd import demo
 from jaxlcd.demo import metrics as eval_metrics
 from jaxlcd.demo import shapes
 from jaxlcd.demo import judge as judge_lib
+from jaxlcd.metrics.spectral import high_frequency_energy
 from jaxlcd.pipeline import load_pipeline, sample_ddim, sample_lcm
 from jaxlcd.rewards import load_reward
 from jaxlcd.sample import make_grid, to_uint8
@@ -165,7 +166,7 @@ def evaluate(workdir: str, num_prompts: int = 128, steps: Sequence[int] = (1, 2,
             "train_rm": float(np.mean(np.asarray(train_rm(images, prompts)))),
             "heldout_rm": float(np.mean(np.asarray(heldout_rm(images, prompts)))),
             "fid": eval_metrics.frechet_distance(feats, ref_feats),
-            "hf_energy": eval_metrics.high_frequency_energy(images), "images_per_s": rate})
+            "hf_energy": high_frequency_energy(images), "images_per_s": rate})
         slug = "".join(ch if ch.isalnum() else "_" for ch in row.name).strip("_").lower()
         Image.fromarray(make_grid(to_uint8(images[:64]))).save(os.path.join(out_dir, "grids", f"{slug}.png"))
         strips.append((row.name, images[:GRID_PROMPTS]))

@@ -12,24 +12,38 @@ from jaxlcd.sample import make_grid, to_uint8
 from jaxlcd.training.evaluators import Evaluator
 
 
+def student_samples(run, params, prompts, n: int, resolution: int, guidance: float = 8.5, batch: int = 0) -> np.ndarray:
+    """uint8 [P, R, R, 3]: ``n``-step LCM samples of the student ``params`` (host arrays) of ``run`` (a
+    `jaxlcd.distill.setup.Run`) for ``prompts``, from fixed latents (PRNGKey(1234)) and noise (PRNGKey(n)); drawn
+    ``batch`` prompts at a time (0: all at once; the last batch is padded), the same images either way."""
+    pipe, student = run.pipe, run.models.student.clone(dtype=run.pipe.unet.dtype)
+    shape = (len(prompts), resolution // 8, resolution // 8, student.config.in_channels)
+    z = jax.random.normal(jax.random.PRNGKey(1234), shape)
+    ts = tuple(int(t) for t in schedule.lcm_timesteps(n))
+    noises = jax.random.normal(jax.random.PRNGKey(n), (n - 1,) + shape) if n > 1 else None
+    batch = batch or len(prompts)
+    out = []
+    for start in range(0, len(prompts), batch):
+        idx = [min(i, len(prompts) - 1) for i in range(start, start + batch)]
+        ctx = encode_prompts(pipe, [prompts[i] for i in idx])
+        _, images = lcm_generate(params, pipe.vae_params, z[np.array(idx)], ctx, np.float32(guidance), run.abar,
+                                 None if noises is None else noises[:, np.array(idx)], unet=student, vae=pipe.vae,
+                                 timesteps=ts, kind=run.models.prediction_type)
+        out.append(to_uint8(np.asarray(images))[:len(prompts) - start])
+    return np.concatenate(out)
+
+
 def sample_grids(run, prompts, steps, resolution: int, params, out_dir: str, tag: str, guidance: float = 8.5) -> None:
     """Write ``out_dir/<tag>_lcm<n>.png`` for each n of ``steps``: the student ``params`` of ``run`` (a
     `jaxlcd.distill.setup.Run`) on ``prompts``, the same initial latents and noise every time. Process 0 writes."""
-    pipe, student = run.pipe, run.models.student.clone(dtype=run.pipe.unet.dtype)
-    ctx = encode_prompts(pipe, list(prompts))
-    shape = (len(prompts), resolution // 8, resolution // 8, student.config.in_channels)
-    z = jax.random.normal(jax.random.PRNGKey(1234), shape)
     params = parallel.to_host(params)   # every process takes part; process 0 samples and writes
     if jax.process_index() != 0:
         return
     storage.makedirs(out_dir)
     for n in steps:
-        ts = tuple(int(t) for t in schedule.lcm_timesteps(n))
-        noises = jax.random.normal(jax.random.PRNGKey(n), (n - 1,) + shape) if n > 1 else None
-        _, images = lcm_generate(params, pipe.vae_params, z, ctx, np.float32(guidance), run.abar, noises,
-                                 unet=student, vae=pipe.vae, timesteps=ts, kind=run.models.prediction_type)
+        images = student_samples(run, params, list(prompts), n, resolution, guidance)
         with storage.open_file(storage.join(out_dir, f"{tag}_lcm{n}.png"), "wb") as f:
-            Image.fromarray(make_grid(to_uint8(np.asarray(images)))).save(f, format="PNG")
+            Image.fromarray(make_grid(images)).save(f, format="PNG")
 
 
 def make_grid_evaluator(name: str, ecfg, context: dict):

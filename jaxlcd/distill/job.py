@@ -101,7 +101,8 @@ def train(cfg, workdir: str) -> dict:
         prepared, tokenizer=run.pipe.tokenizer,
         resolution=cfg.resolution, batch_size_per_host=global_batch // jax.process_count(), seed=cfg.seed,
         random_crop=cfg.random_crop, random_flip=cfg.random_flip, min_size=int(filters.get("min_size", 0)))
-    context = {"run": run, "workdir": workdir, "resolution": cfg.resolution}
+    context = {"run": run, "workdir": workdir, "resolution": cfg.resolution, "config": cfg,
+               "grid_prompts": tuple(cfg.evals.grids.prompts) if "grids" in cfg.get("evals", {}) else ()}
     job = loop_lib.Job(
         name="train", mesh=mesh, state=run.state, state_shardings=run.state_shardings,
         step_fn=make_train_step(run.models, cfg.lcd, run.tx, run.abar, cfg.reward, cfg.lrm),

@@ -5,7 +5,7 @@
 ``type`` is a short name of `EVALUATORS` or ``"package.module:factory"``; the factory is called as
 ``factory(name, eval_config, context)`` and returns an `Evaluator`. ``context`` is what the job offers its
 evaluators (its models, pipeline, workdir, ...). An evaluator runs every ``every`` steps (0: never mid-run) and at
-the run's last step; what it returns joins that step's metrics.
+the run's last step; what it returns joins that step's metrics. Raising `StopRun` ends the run early, in order.
 """
 from __future__ import annotations
 
@@ -13,9 +13,20 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
-from jaxlcd.errors import InputError
+from jaxlcd.errors import InputError, JaxlcdError
 
-EVALUATORS = {"lcm_grids": "jaxlcd.distill.grids:make_grid_evaluator"}
+EVALUATORS = {"lcm_grids": "jaxlcd.distill.grids:make_grid_evaluator",
+              "lcm_metrics": "jaxlcd.distill.quality:make_metrics_evaluator",
+              "reward_hacking": "jaxlcd.distill.quality:make_hacking_monitor"}
+
+
+class StopRun(JaxlcdError):
+    """Raised by an evaluator (on every process) to end the run in order: the loop logs ``metrics``, saves a
+    checkpoint and returns, and the message is logged as a warning."""
+
+    def __init__(self, message: str, metrics: dict | None = None):
+        super().__init__(message)
+        self.metrics = metrics or {}
 
 
 @dataclasses.dataclass

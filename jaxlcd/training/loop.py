@@ -20,7 +20,7 @@ from tqdm import tqdm
 from jaxlcd import parallel
 from jaxlcd.errors import TrainingError
 from jaxlcd.training import checkpoint
-from jaxlcd.training.evaluators import Evaluator
+from jaxlcd.training.evaluators import Evaluator, StopRun
 from jaxlcd.training.metrics import MetricWriter, StopFlag
 from jaxlcd.training.optimizer import refresh_hyperparams
 
@@ -54,7 +54,7 @@ class Job:
 @dataclasses.dataclass
 class Result:
     state: Any
-    step: int          # the last step trained (== cfg.total_steps unless stopped by SIGTERM)
+    step: int          # the last step trained (== cfg.total_steps unless stopped by SIGTERM or an evaluator)
     metrics: dict      # the last logged metrics (evaluator results included)
 
 
@@ -93,7 +93,7 @@ def train(job: Job, cfg, workdir: str) -> Result:
                                                  parallel.batch_sharding(job.mesh)),
                       out_shardings=(job.state_shardings, parallel.replicated(job.mesh)), donate_argnums=0)
     writer, stopper, lead = MetricWriter(workdir), StopFlag(), jax.process_index() == 0
-    pending, last, t_window, step = [], {}, time.perf_counter(), start
+    pending, last, t_window, step, stop = [], {}, time.perf_counter(), start, None
     bar = tqdm(total=cfg.total_steps, initial=start, desc=job.name, unit="step", dynamic_ncols=True, disable=not lead)
     try:
         while step < cfg.total_steps and not parallel.any_process(stopper.stop):  # all stop at the same step
@@ -115,16 +115,26 @@ def train(job: Job, cfg, workdir: str) -> Result:
                 pending, t_window = [], time.perf_counter()
             if at_ckpt:
                 ckpt.save(step, state, _data_states(job.batches))
-            scores = {}
+            scores, stop = {}, None
             for evaluator in job.evaluators:
                 if evaluator.due(step, final):
-                    scores.update(evaluator.run(state, step, final))
+                    try:
+                        scores.update(evaluator.run(state, step, final))
+                    except StopRun as e:
+                        scores.update(e.metrics)
+                        stop = e
+                        break
             if scores:
                 writer.write(step, scores)
                 last.update(scores)
                 bar.write(f"{job.name} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
                 t_window = time.perf_counter()   # evaluation time is not training time
-        if step < cfg.total_steps:   # SIGTERM on some process
+            if stop is not None:
+                if not at_ckpt:
+                    ckpt.save(step, state, _data_states(job.batches))
+                log.warning("%s", stop)
+                break
+        if step < cfg.total_steps and stop is None:   # SIGTERM on some process
             _check_finite(pending, step - len(pending) + 1)
             ckpt.save(step, state, _data_states(job.batches))
             log.warning("SIGTERM: saved the checkpoint at step %d and stopped; rerun the same command to resume", step)
