@@ -57,7 +57,8 @@ def _torch_threads():
 
 # Files that take longest on a cold compile cache, longest first: pytest-xdist hands whole files to its two workers
 # in collection order, so starting with these keeps one worker from getting a long file at the end.
-SLOWEST_FILES = ("test_multiprocess.py", "test_train.py", "test_demo_run.py", "test_train_sharded.py",
+SLOWEST_FILES = ("test_multiprocess.py", "test_train.py", "test_demo_run.py", "test_eval.py", "test_train_sharded.py",
+                 "test_quality.py", "test_gcs.py", "test_workdir_errors.py",
                  "test_reward_step.py", "test_demo_models.py", "test_rewards.py")
 
 
