@@ -48,7 +48,8 @@ def setup(tmp_path_factory, hf_clip):
             "--out", str(root / "out"), "--reward", f"clipscore={hf_clip[1]}", "--reward", f"hpsv2.1={hf_clip[1]}",
             "--fid-ref", str(ref), "--inception", str(root / "inception.safetensors"), "--batch-size", "8"]
     assert eval_main(argv) == 0
-    return {"teacher": teacher, "lcm": lcm, "out": root / "out", "argv": argv, "prompts": prompts}
+    return {"teacher": teacher, "lcm": lcm, "out": root / "out", "argv": argv, "prompts": prompts, "ref": str(ref),
+            "inception": str(root / "inception.safetensors"), "clip": hf_clip[1]}
 
 
 def test_results_rows_metrics_groups_and_pictures(setup):
@@ -85,6 +86,22 @@ def test_rows_are_the_samplers_from_the_documented_latents(setup):
     row = generate.Row("teacher ddim2", setup["teacher"], "ddim", 2, 7.5)
     png = np.asarray(Image.open(generate.image_path(str(setup["out"]), row, 5)))
     assert np.abs(png.astype(int) - np.round(np.asarray(images)[1] * 255)).max() <= 1
+
+
+def test_scoring_in_chunks_gives_the_same_results(setup, tmp_path):
+    from jaxlcd.metrics import evaluate, prompts
+
+    whole = json.loads((setup["out"] / "results.json").read_text())
+    rows = generate.make_rows([setup["lcm"]], (1, 2), 8.5, setup["teacher"], 2, 7.5)
+    out = tmp_path / "chunked"
+    out.mkdir()
+    os.symlink(setup["out"] / "images", out / "images")   # generated already: this call only scores
+    chunked = evaluate.evaluate(rows, prompts.load_prompts(str(setup["prompts"])), str(out), batch_size=8,
+                                rewards={"clipscore": setup["clip"], "hpsv2.1": setup["clip"]}, fid_ref=setup["ref"],
+                                inception=setup["inception"], chunk=5)
+    for a, b in zip(chunked["rows"], whole["rows"]):
+        for metric in ("clipscore", "hpsv2.1", "fid"):
+            assert a["metrics"][metric] == pytest.approx(b["metrics"][metric], rel=1e-5, abs=1e-4)
 
 
 def test_a_rerun_generates_nothing_and_gives_the_same_results(setup, capsys):

@@ -174,12 +174,23 @@ SHORT = ["--config.per_device_batch=2", "--config.log_every=1", "--config.total_
 
 @pytest.mark.parametrize("variant,metric,exported", [("tiny,rm", "reward", "student"), ("tiny,lrm", "lrm_loss", "lrm")])
 def test_reward_guided_variants_run_as_two_processes_with_fsdp_across(tmp_path, variant, metric, exported):
+    from jaxlcd import tiny
+
     workdir = tmp_path / "run"
+    monitor = []   # the rm variant also runs the reward-hacking monitor: its gather, sampling and agreed stop flag
+    if variant == "tiny,rm":
+        heldout = tiny.write_reward_folder(str(tmp_path / "heldout"), seed=9)
+        monitor = [f"--config.evals.hacking.heldout=clipscore={heldout}", "--config.evals.hacking.every=1",
+                   "--config.evals.hacking.num_prompts=2", "--config.evals.hacking.stop_if.patience=5"]
     out = _run(workdir, 2, f"--config=configs/rglcd.py:{variant}", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-               *SHORT)
+               *SHORT, *monitor)
     assert "mesh data=1 fsdp=2" in out and "| 2 processes" in out
     with open(workdir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
+    if monitor:
+        evaluations = [r for r in records if "hacking.heldout" in r]
+        assert [r["step"] for r in evaluations] == [1, 2] and os.path.isfile(workdir / "best" / "best.json")
+        records = [r for r in records if metric in r]
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r[metric]) for r in records)
     assert os.path.isfile(workdir / "export" / exported / ("config.json" if exported == "lrm" else "model_index.json"))
 

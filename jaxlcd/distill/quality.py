@@ -64,9 +64,8 @@ def _prompts(ecfg, context) -> list[str]:
     return prompts
 
 
-def _samples(context, state, prompts, n, ecfg):
-    """Every process gathers the student; process 0 returns its uint8 samples, the others None."""
-    params = parallel.to_host(state.params)
+def _samples(context, params, prompts, n, ecfg):
+    """uint8 samples of the student ``params`` (host arrays) on process 0; None on the others."""
     if jax.process_index() != 0:
         return None
     return student_samples(context["run"], params, prompts, n, context["resolution"], float(ecfg.get("guidance", 8.5)),
@@ -89,9 +88,9 @@ def make_metrics_evaluator(name: str, ecfg, context: dict):
     steps = tuple(ecfg.get("steps") or (2,))
 
     def run(state, step: int, final: bool) -> dict:
-        out = {}
+        out, params = {}, parallel.to_host(state.params)   # every process gathers the student; process 0 samples
         for n in steps:
-            images = _samples(context, state, prompts, n, ecfg)
+            images = _samples(context, params, prompts, n, ecfg)
             if images is None:
                 continue
             for metric, scorer in scorers.items():
@@ -149,10 +148,8 @@ def make_hacking_monitor(name: str, ecfg, context: dict):
 
     def run(state, step: int, final: bool) -> dict:
         params = parallel.to_host(state.params)
-        out, stop = {}, False
-        if jax.process_index() == 0:
-            images = student_samples(context["run"], params, prompts, n, context["resolution"],
-                                     float(ecfg.get("guidance", 8.5)), int(ecfg.get("batch", 8)))
+        out, stop, images = {}, False, _samples(context, params, prompts, n, ecfg)
+        if images is not None:
             scores = {k: s.aggregate(s(images, prompts)) for k, s in scorers.items()}
             out = {f"{name}.train_reward": scores["train"], f"{name}.heldout": scores["heldout"],
                    f"{name}.hf_energy": high_frequency_energy(images)}

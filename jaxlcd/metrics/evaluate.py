@@ -79,8 +79,9 @@ def _group_means(values: np.ndarray, groups: Sequence[str], aggregate) -> dict:
 
 def evaluate(rows: Sequence[Row], prompts: Sequence[Prompt], out_dir: str, *, seed: int = 0, batch_size: int = 8,
              rewards: Optional[Mapping[str, str]] = None, fid_ref: Optional[str] = None,
-             inception: Optional[str] = None, allow_pickle: bool = False) -> Optional[dict]:
-    """Generate, score and report every row; returns the results (None on processes other than 0)."""
+             inception: Optional[str] = None, allow_pickle: bool = False, chunk: int = 512) -> Optional[dict]:
+    """Generate, score and report every row; returns the results (None on processes other than 0). Scoring reads
+    each row's images ``chunk`` at a time (a COCO-30k row at 512 px would be 24 GB at once)."""
     import jax
 
     from jaxlcd import parallel, paths
@@ -91,34 +92,41 @@ def evaluate(rows: Sequence[Row], prompts: Sequence[Prompt], out_dir: str, *, se
     rewards = dict(rewards or {})
     check_inputs(rewards, fid_ref, inception)
     os.makedirs(out_dir, exist_ok=True)
-    texts = [p.text for p in prompts]
+    texts, pipe, loaded = [p.text for p in prompts], None, None
     for row in rows:
-        pipe = load_pipeline(paths.resolve_model_path(row.path, "--teacher" if row.sampler == "ddim" else "--model"))
+        if loaded != row.path:   # a model's step counts share one loaded pipeline
+            key = "--teacher" if row.sampler == "ddim" else "--model"
+            pipe, loaded = load_pipeline(paths.resolve_model_path(row.path, key)), row.path
         generate_row(pipe, row, texts, out_dir, seed, batch_size, jax.process_index(), jax.process_count())
-        del pipe
+    del pipe
     parallel.barrier("eval-generated")
     if jax.process_index() != 0:
         return None
     groups = [p.group for p in prompts]
+    scorers = {name: Scorer(name, path, allow_pickle=allow_pickle) for name, path in rewards.items()}
     results = {"prompts": len(prompts), "seed": seed, "groups": list(dict.fromkeys(groups)), "rows": []}
-    images = {row.name: load_images(out_dir, row, len(prompts)) for row in rows}
+    grid_images, reference, fid_batch = {}, None, min(50, len(prompts), chunk)   # one compiled shape for every row
     for row in rows:
-        results["rows"].append({"name": row.name, "model": row.model, "path": row.path, "sampler": row.sampler,
-                                "steps": row.steps, "guidance": row.guidance, "images_per_s": row_speed(out_dir, row),
-                                "metrics": {}, "by_group": {}})
-    for name, path in rewards.items():
-        scorer = Scorer(name, path, allow_pickle=allow_pickle)
-        for row, entry in zip(rows, results["rows"]):
-            scores = scorer(images[row.name], texts)
-            entry["metrics"][name] = scorer.aggregate(scores)
-            by_group = _group_means(scores, groups, scorer.aggregate)
+        scores, features = {name: [] for name in scorers}, []
+        grid_images[row.name] = load_images(out_dir, row, len(prompts), 0, report.GRID_COLUMNS)
+        for start in range(0, len(prompts), chunk):
+            images = load_images(out_dir, row, len(prompts), start, start + chunk)
+            for name, scorer in scorers.items():
+                scores[name].append(scorer(images, texts[start:start + chunk]))
+            if fid_ref is not None:
+                features.append(fid_lib.inception_features(images, inception, batch_size=fid_batch))
+        entry = {"name": row.name, "model": row.model, "path": row.path, "sampler": row.sampler, "steps": row.steps,
+                 "guidance": row.guidance, "images_per_s": row_speed(out_dir, row), "metrics": {}, "by_group": {}}
+        for name, scorer in scorers.items():
+            values = np.concatenate(scores[name])
+            entry["metrics"][name] = scorer.aggregate(values)
+            by_group = _group_means(values, groups, scorer.aggregate)
             if by_group:
                 entry["by_group"][name] = by_group
-    if fid_ref is not None:
-        size = images[rows[0].name].shape[1]
-        reference = reference_statistics(fid_ref, inception, size, out_dir)
-        for row, entry in zip(rows, results["rows"]):
-            entry["metrics"]["fid"] = fid_lib.frechet_distance(
-                fid_lib.inception_features(images[row.name], inception), reference)
-    report.write(results, images, rows, prompts, out_dir)
+        if fid_ref is not None:
+            if reference is None:
+                reference = reference_statistics(fid_ref, inception, grid_images[row.name].shape[1], out_dir)
+            entry["metrics"]["fid"] = fid_lib.frechet_distance(np.concatenate(features), reference)
+        results["rows"].append(entry)
+    report.write(results, grid_images, rows, prompts, out_dir)
     return results

@@ -50,9 +50,10 @@ def image_path(out_dir: str, row: Row, index: int) -> str:
     return os.path.join(out_dir, "images", row.slug, f"{index:05d}.png")
 
 
-def load_images(out_dir: str, row: Row, count: int) -> np.ndarray:
-    """uint8 [count, H, W, 3] of a generated row."""
-    return np.stack([np.asarray(Image.open(image_path(out_dir, row, i)).convert("RGB")) for i in range(count)])
+def load_images(out_dir: str, row: Row, count: int, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+    """uint8 [n, H, W, 3]: images ``start`` to ``min(stop, count)`` of a generated row of ``count``."""
+    stop = count if stop is None else min(stop, count)
+    return np.stack([np.asarray(Image.open(image_path(out_dir, row, i)).convert("RGB")) for i in range(start, stop)])
 
 
 def _latents(seed: int, indices, shape) -> np.ndarray:

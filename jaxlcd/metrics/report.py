@@ -34,6 +34,7 @@ def format_table(results: dict) -> str:
 
 
 def write(results: dict, images: dict, rows: Sequence, prompts: Sequence, out_dir: str) -> None:
+    """Write the results files, the grid (``images``: row name -> its first uint8 images) and the plots."""
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.join(out_dir, "results.md"), "w") as f:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from jaxlcd.errors import InputError
 
-# metric -> (reward loader name, preprocessing crop convention)
+# metric (a `jaxlcd.rewards` name) -> its reference's centre-crop convention
 METRICS = {"clipscore": "transformers", "hpsv2.1": "torchvision", "pickscore": "transformers",
            "imagereward": "torchvision", "aesthetic": "torchvision"}
 

@@ -120,10 +120,9 @@ def train(job: Job, cfg, workdir: str) -> Result:
                 if evaluator.due(step, final):
                     try:
                         scores.update(evaluator.run(state, step, final))
-                    except StopRun as e:
+                    except StopRun as e:   # the other evaluators still run at this step
                         scores.update(e.metrics)
                         stop = e
-                        break
             if scores:
                 writer.write(step, scores)
                 last.update(scores)
