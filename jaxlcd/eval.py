@@ -8,12 +8,13 @@
 ``--model``: LCM student pipeline folders (e.g. WORKDIR/export/student). Prompt files: plain text, the HPDv2
 benchmark folder, PartiPrompts.tsv, COCO captions json (`jaxlcd.metrics.prompts`). Writes OUT/results.json,
 results.md, grids/side_by_side.png, plots/*.png and the images (a rerun generates only missing ones).
-``--workdir`` evaluates demo-world runs with the demo's judge metrics (`jaxlcd.demo.evaluate`); other runs are
+``--workdir`` evaluates demo-world runs with the demo's judge metrics (picked by the run's job); other runs are
 refused there: evaluate their export with ``--model``.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -22,6 +23,9 @@ from typing import Optional, Sequence
 from jaxlcd.errors import InputError, JaxlcdError
 
 DEMO_JOB = "jaxlcd.demo.job:run"
+# a run's job (config.json "job") -> the "module:function(workdir, num_prompts, steps, seed) -> table" evaluating it,
+# resolved by name as jaxlcd.main resolves jobs (only the demo world has a --workdir evaluation)
+WORKDIR_EVALUATIONS = {DEMO_JOB: "jaxlcd.demo.evaluate:evaluate_workdir"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,21 +61,21 @@ def _steps(text: str) -> tuple:
     return steps
 
 
-def _demo(args) -> str:
+def _workdir(args) -> str:
     config = os.path.join(args.workdir, "config.json")
     if not os.path.isfile(config):
         raise InputError(f"{args.workdir!r} holds no jaxlcd run (no config.json); pass the --workdir of a finished run")
     with open(config) as f:
         job = json.load(f).get("job")
-    if job != DEMO_JOB:
+    if job not in WORKDIR_EVALUATIONS:
         raise InputError(f"{args.workdir!r} is not a demo-world run (job {job!r}), and --workdir evaluates only those "
                          "with the demo's judge; evaluate its export with --model WORKDIR/export/student --prompts "
                          "FILE --out DIR")
     if args.num_prompts < 2:
         raise InputError("--num-prompts must be >= 2")
-    from jaxlcd.demo import evaluate
-
-    return evaluate.format_table(evaluate.evaluate(args.workdir, args.num_prompts, _steps(args.steps), args.seed))
+    module, _, function = WORKDIR_EVALUATIONS[job].partition(":")
+    evaluate_workdir = getattr(importlib.import_module(module), function)
+    return evaluate_workdir(args.workdir, args.num_prompts, _steps(args.steps), args.seed)
 
 
 def _models(args) -> Optional[str]:
@@ -104,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging()
     try:
-        table = _demo(args) if args.workdir else _models(args)
+        table = _workdir(args) if args.workdir else _models(args)
     except JaxlcdError as e:
         print(f"jaxlcd.eval: error: {e}", file=sys.stderr)
         return 2

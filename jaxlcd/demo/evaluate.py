@@ -181,3 +181,8 @@ def evaluate(workdir: str, num_prompts: int = 128, steps: Sequence[int] = (1, 2,
         f.write(f"Held-out prompts: {num_prompts} (seed {prompt_seed}); latent seed {seed}; CFG {guidance['ddim']} "
                 f"(DDIM), LCM guidance {guidance['lcm']}.\n\n{table}\n")
     return results
+
+
+def evaluate_workdir(workdir: str, num_prompts: int, steps: Sequence[int], seed: int) -> str:
+    """`evaluate` as ``python -m jaxlcd.eval --workdir`` runs it on a demo-world run: the printed table."""
+    return format_table(evaluate(workdir, num_prompts, steps, seed))

@@ -104,7 +104,7 @@ def generate_row(pipe, row: Row, prompts: Sequence[str], out_dir: str, seed: int
                                       timesteps=timesteps)
         else:
             _, images = pl.sample_ddim(pipe, texts, num_steps=row.steps, guidance=row.guidance, latents=z)
-        images = np.asarray(jax.device_get(images))
+        images = np.asarray(jax.device_get(images))   # sharded over this process's devices only: local on N hosts
         if b > 0:
             timed_images, timed_s = timed_images + len(padded), timed_s + time.perf_counter() - t0
         for i, image in zip(idx, images):
