@@ -104,7 +104,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.seed = 0
     c.compute_dtype = "bfloat16"   # UNet/VAE/text compute dtype; student master weights stay float32
     c.xla_flags = ""               # extra XLA_FLAGS for this run (appended to the environment's)
-    c.remat = False                # rematerialise each UNet block in the backward pass
+    c.remat = "none"               # student UNet blocks in the backward: none | full | dots | dots_no_batch (README)
+    c.attention = "auto"           # auto (cuDNN flash on GPU, Pallas splash on TPU, XLA on CPU) | xla | cudnn | pallas
     c.random_crop = False
     c.random_flip = False
     # skip samples: an image side under min_size pixels (0: keep all); with LAION-style json metadata in webdataset
@@ -141,6 +142,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.reward.beta = beta           # loss = L_CD - beta * mean(reward)
     c.reward.antialias = True      # False = the reference's non-antialiased bicubic resize to 224
     c.reward.decode_microbatch = 0  # > 0: VAE-decode that many latents at a time (bounds activation memory)
+    c.reward.remat = "auto"        # decoder + RM tower recomputed in the backward: auto (= when micro-batched) | always | never
     c.reward.allow_pickle = False  # read pickle checkpoints (only if you trust them)
 
     c.lrm = ml_collections.ConfigDict()

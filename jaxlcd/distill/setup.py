@@ -14,11 +14,12 @@ from jaxlcd import data as data_lib
 from jaxlcd.data import encoded, shards
 from jaxlcd import parallel, paths, storage, tiny
 from jaxlcd.export import add_cond_proj
+from jaxlcd.models import attention, layers
 from jaxlcd.pipeline import check_pipeline_dir, encode_prompts, load_pipeline
 from jaxlcd.rewards import load_reward, parse_reward_expression
 from jaxlcd.rewards.lrm import load_lrm, make_lrm_optimizer
 from jaxlcd.distill.state import DistillState, create_state
-from jaxlcd.distill.step import StepModels
+from jaxlcd.distill.step import StepModels, reward_remat
 from jaxlcd.training.optimizer import make_optimizer
 from jaxlcd.errors import InputError
 
@@ -49,6 +50,8 @@ def validate_config(cfg, num_devices: int) -> None:
         raise ConfigValueError(f"resolution={cfg.resolution} must be a multiple of 8 (the VAE factor)")
     if cfg.per_device_batch < 1 or cfg.total_steps < 1 or cfg.log_every < 1 or cfg.checkpoint_every < 1:
         raise ConfigValueError("per_device_batch, total_steps, log_every and checkpoint_every must be positive")
+    layers.remat_policy(cfg.remat)
+    attention.check_available(cfg.attention, attention.traced_platform())
     if cfg.shard_frozen not in ("replicate", "fsdp"):
         raise ConfigValueError(f"shard_frozen={cfg.shard_frozen!r} is unknown; use 'replicate' or 'fsdp'")
     mesh = dict(cfg.mesh)
@@ -78,6 +81,7 @@ def _validate_guidance(cfg) -> None:
     if r.decode_microbatch < 0 or (r.decode_microbatch and cfg.per_device_batch % r.decode_microbatch):
         raise ConfigValueError(f"reward.decode_microbatch={r.decode_microbatch} must be 0 or divide "
                                f"per_device_batch={cfg.per_device_batch}")
+    reward_remat(r)
     if lrm.enabled and lrm.update and not r.name:
         raise ConfigValueError("lrm.update=True fits the LRM to an expert reward model: set reward.name "
                                "(e.g. hpsv2.1) and reward.path, or pass --config.lrm.update=False")
@@ -231,17 +235,19 @@ def build_run(cfg, teacher_dir: str, mesh) -> Run:
                                             jax.random.PRNGKey(cfg.seed + 1), cfg.lcd.zero_init_cond_proj)
     as_dtype = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
     r = cfg.reward
-    reward = load_reward(r.name, r.path, dtype=dtype, antialias=r.antialias, allow_pickle=r.allow_pickle) \
+    reward = load_reward(r.name, r.path, dtype=dtype, antialias=r.antialias, allow_pickle=r.allow_pickle,
+                         attention=cfg.attention) \
         if r.name else None
-    lrm = load_lrm(cfg.lrm.path, dtype=dtype, allow_pickle=r.allow_pickle) if cfg.lrm.enabled else None
+    lrm = load_lrm(cfg.lrm.path, dtype=dtype, allow_pickle=r.allow_pickle, attention=cfg.attention) if cfg.lrm.enabled else None
     lrm_tx = make_lrm_optimizer(lrm.params, cfg.lrm.learning_rate, cfg.lrm.weight_decay, tuple(cfg.lrm.freeze)) \
         if lrm is not None and cfg.lrm.update else None
     if lrm_tx is not None and not reward.logit_scale > 0:
         raise ConfigValueError(f"the LRM's expert {r.name!r} has no CLIP logit scale; use hpsv2.1, pickscore "
                                "or clipscore")
-    models = StepModels(student=student.clone(dtype=dtype, remat=cfg.remat),
-                        teacher=pipe.unet.clone(dtype=dtype), vae=pipe.vae.clone(dtype=dtype),
-                        text=pipe.text_encoder.clone(dtype=dtype), prediction_type=kind,
+    kernels = dict(dtype=dtype, attention_impl=cfg.attention)
+    models = StepModels(student=student.clone(remat=cfg.remat, **kernels),
+                        teacher=pipe.unet.clone(**kernels), vae=pipe.vae.clone(**kernels),
+                        text=pipe.text_encoder.clone(**kernels), prediction_type=kind,
                         # params travel as frozen / state arguments; the models keep only their functions
                         reward=dataclasses.replace(reward, params=None) if reward is not None else None,
                         lrm=dataclasses.replace(lrm, params=None) if lrm is not None else None, lrm_tx=lrm_tx)

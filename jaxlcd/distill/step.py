@@ -36,14 +36,17 @@ class StepModels:
     lrm_tx: Any = None                     # its optimizer (None: the LRM stays fixed)
 
 
-def decode_images(vae, vae_params, latents, microbatch: int = 0):
-    """Scaled latents [B,h,w,c] -> images [B,H,W,3] float32 in [0,1], decoder rematerialised in the backward.
+def decode_images(vae, vae_params, latents, microbatch: int = 0, remat: bool = True):
+    """Scaled latents [B,h,w,c] -> images [B,H,W,3] float32 in [0,1].
 
-    ``microbatch`` > 0 decodes that many latents at a time (lax.map), bounding the decoder's activations.
+    ``microbatch`` > 0 decodes that many latents at a time (lax.map), bounding the decoder's activations;
+    ``remat`` rematerialises the decoder in the backward (one more decoder forward, far less memory).
     """
-    decode = jax.checkpoint(lambda z: decode_to_images(
+    decode = lambda z: decode_to_images(
         lambda x: vae.apply({"params": vae_params}, x.astype(vae.dtype), method=vae.decode),
-        z, vae.config.scaling_factor, vae.config.shift_factor or 0.0))
+        z, vae.config.scaling_factor, vae.config.shift_factor or 0.0)
+    if remat:
+        decode = jax.checkpoint(decode)
     b = latents.shape[0]
     if not microbatch or microbatch >= b:
         return decode(latents)
@@ -51,6 +54,15 @@ def decode_images(vae, vae_params, latents, microbatch: int = 0):
         raise InputError(f"reward.decode_microbatch={microbatch} must divide the per-step batch {b}")
     images = jax.lax.map(decode, latents.reshape((b // microbatch, microbatch) + latents.shape[1:]))
     return images.reshape((b,) + images.shape[2:])
+
+
+def reward_remat(reward_cfg) -> bool:
+    """Whether the reward path (decoder + reward image tower) is rematerialised: ``reward.remat`` 'always',
+    'never', or 'auto' = only when the decode is micro-batched (micro-batching is there to bound memory)."""
+    mode = getattr(reward_cfg, "remat", "auto") if reward_cfg is not None else "auto"
+    if mode not in ("auto", "always", "never"):
+        raise InputError(f"reward.remat={mode!r} is unknown; use 'auto', 'always' or 'never'")
+    return mode == "always" or (mode == "auto" and bool(reward_cfg.decode_microbatch))
 
 
 def step_keys(rng, step):
@@ -72,7 +84,7 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
     batch: {"pixels" [B,H,W,3] in [-1,1] | "moments" [B,h,w,2c]}, {"input_ids" [B,77] int32 | "ctx" [B,77,D]},
            with a reward model {"reward_tokens": models.reward.tokenize(captions)}, with an LRM
            {"lrm_tokens": models.lrm.tokenize(captions)}.
-    lcd / reward_cfg / lrm_cfg: the config's ``lcd``, ``reward`` (beta, decode_microbatch) and ``lrm``
+    lcd / reward_cfg / lrm_cfg: the config's ``lcd``, ``reward`` (beta, decode_microbatch, remat) and ``lrm``
     (beta, rows) sections; abar: alphas_cumprod [T] float32.
 
     The step is one function on purpose (about 100 lines): it reads top-down like docs/algorithm.md sections 2-4
@@ -80,6 +92,7 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
     """
     m = models
     num_train = abar.shape[0]
+    remat_reward = m.reward is not None and reward_remat(reward_cfg)
 
     def unet_fn(module, params):
         return lambda z, t, c, *w: module.apply({"params": params}, z.astype(module.dtype), t,
@@ -123,9 +136,9 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
             mean_reward = lambda x: jnp.mean(m.lrm.cosine(state.lrm_params, unscale(x), lrm_text))
         elif m.reward is not None:
             beta, text = reward_cfg.beta, m.reward.text_features(frozen["reward"], batch["reward_tokens"])
-            score = jax.checkpoint(m.reward.score_images)   # the RM image tower is rematerialised too
-            mean_reward = lambda x: jnp.mean(score(
-                frozen["reward"], decode_images(m.vae, frozen["vae"], x, reward_cfg.decode_microbatch), text))
+            score = jax.checkpoint(m.reward.score_images) if remat_reward else m.reward.score_images
+            mean_reward = lambda x: jnp.mean(score(frozen["reward"], decode_images(
+                m.vae, frozen["vae"], x, reward_cfg.decode_microbatch, remat_reward), text))
         if m.lrm is not None or m.reward is not None:
             reward, g_r = jax.value_and_grad(mean_reward)(pred)
             loss, g_pred = loss_cd - beta * reward, g_cd - beta * g_r
@@ -150,7 +163,12 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
         if m.lrm is not None and m.lrm_tx is not None:
             n = lrm_cfg.rows or b
             zs = jax.lax.stop_gradient(jnp.concatenate([pred[:n], tgt.target[:n], z0[:n]]))   # [3n,h,w,c]
-            images = decode_images(m.vae, frozen["vae"], zs, reward_cfg.decode_microbatch)
+            if "pixels" in batch:   # the real image is in the batch: decode only pred and target
+                real = jnp.clip(batch["pixels"][:n].astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+                images = jnp.concatenate([decode_images(m.vae, frozen["vae"], zs[:2 * n], reward_cfg.decode_microbatch,
+                                                        remat=False), real])
+            else:
+                images = decode_images(m.vae, frozen["vae"], zs, reward_cfg.decode_microbatch, remat=False)
             expert_text = _rows(m.reward.text_features(frozen["reward"], _rows(batch["reward_tokens"], n)), n, 3)
             expert = jax.lax.stop_gradient(
                 m.reward.score_images(frozen["reward"], images, expert_text) * m.reward.logit_scale).reshape(3, n)

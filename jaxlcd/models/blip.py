@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlcd.models.config import ConfigError, ModelConfig, require
-from jaxlcd.models.layers import activation, attention, conv, layer_norm, maybe_remat
+from jaxlcd.models.attention import attention
+from jaxlcd.models.layers import activation, conv, layer_norm, maybe_remat
 from jaxlcd.weights import io, tables
 from jaxlcd.weights.tables import WeightsError
 from jaxlcd.errors import InputError, MissingFileError
@@ -133,12 +134,9 @@ class ImageRewardConfig:
         return cls(vision, text)
 
 
-def _masked_attention(q, k, v, heads: int, key_mask):
-    """attention() plus med.py's additive -10000 bias on keys where key_mask [B, Tk] is 0."""
-    bias = ((1.0 - key_mask.astype(jnp.float32)) * _MASK_VALUE)[:, None, None, :]
-    split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, a.shape[2] // heads)
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), bias=bias)
-    return out.reshape(out.shape[0], out.shape[1], -1).astype(q.dtype)
+def _key_bias(key_mask):
+    """med.py's additive -10000 logits bias on keys where key_mask [B, Tk] is 0 -> [B, 1, 1, Tk] float32."""
+    return ((1.0 - key_mask.astype(jnp.float32)) * _MASK_VALUE)[:, None, None, :]
 
 
 class ViTBlock(nn.Module):
@@ -146,13 +144,15 @@ class ViTBlock(nn.Module):
     config: BLIPVisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = layer_norm(c.eps, "norm1", **kw)(x)
         q, k, v = jnp.split(nn.Dense(3 * c.width, name="attn.qkv", **kw)(h), 3, axis=-1)
-        x = x + nn.Dense(c.width, name="attn.proj", **kw)(attention(q, k, v, heads=c.heads))
+        x = x + nn.Dense(c.width, name="attn.proj", **kw)(
+            attention(q, k, v, heads=c.heads, impl=self.attention_impl))
         h = nn.Dense(int(c.width * c.mlp_ratio), name="mlp.fc1", **kw)(layer_norm(c.eps, "norm2", **kw)(x))
         return x + nn.Dense(c.width, name="mlp.fc2", **kw)(activation("gelu")(h))
 
@@ -162,7 +162,8 @@ class VisionTransformer(nn.Module):
     config: BLIPVisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, pixels):
@@ -180,7 +181,7 @@ class VisionTransformer(nn.Module):
         x = x + pos.astype(self.dtype)
         block = maybe_remat(ViTBlock, self.remat)
         for i in range(c.depth):
-            x = block(c, name=f"blocks_{i}", **kw)(x)
+            x = block(c, name=f"blocks_{i}", attention_impl=self.attention_impl, **kw)(x)
         return layer_norm(c.eps, "norm", **kw)(x)
 
 
@@ -192,16 +193,16 @@ class BertAttention(nn.Module):
     config: MedConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, h, kv, key_mask):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d = c.hidden_size
         q, k, v = (nn.Dense(d, name=f"self.{n}", **kw)(a) for n, a in (("query", h), ("key", kv), ("value", kv)))
-        if key_mask is None:  # cross-attention to the image: encoder_attention_mask is all ones
-            ctx = attention(q, k, v, heads=c.num_attention_heads)
-        else:
-            ctx = _masked_attention(q, k, v, c.num_attention_heads, key_mask)
+        # cross-attention to the image (key_mask None): encoder_attention_mask is all ones
+        bias = None if key_mask is None else _key_bias(key_mask)
+        ctx = attention(q, k, v, heads=c.num_attention_heads, bias=bias, impl=self.attention_impl)
         out = nn.Dense(d, name="output.dense", **kw)(ctx)
         return layer_norm(c.layer_norm_eps, "output.LayerNorm", **kw)(out + h)
 
@@ -211,12 +212,13 @@ class BertLayer(nn.Module):
     config: MedConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, attention_mask, image_embeds):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = BertAttention(c, name="attention", **kw)(x, x, attention_mask)
-        x = BertAttention(c, name="crossattention", **kw)(x, image_embeds, None)
+        x = BertAttention(c, name="attention", attention_impl=self.attention_impl, **kw)(x, x, attention_mask)
+        x = BertAttention(c, name="crossattention", attention_impl=self.attention_impl, **kw)(x, image_embeds, None)
         h = activation(c.hidden_act)(nn.Dense(c.intermediate_size, name="intermediate.dense", **kw)(x))
         h = nn.Dense(c.hidden_size, name="output.dense", **kw)(h)
         return layer_norm(c.layer_norm_eps, "output.LayerNorm", **kw)(h + x)
@@ -231,7 +233,8 @@ class BertModel(nn.Module):
     config: MedConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, image_embeds):
@@ -246,7 +249,7 @@ class BertModel(nn.Module):
         x = layer_norm(c.layer_norm_eps, "embeddings.LayerNorm", **kw)(x)
         layer = maybe_remat(BertLayer, self.remat)
         for i in range(c.num_hidden_layers):
-            x = layer(c, name=f"encoder.layer_{i}", **kw)(x, attention_mask, image_embeds.astype(self.dtype))
+            x = layer(c, name=f"encoder.layer_{i}", attention_impl=self.attention_impl, **kw)(x, attention_mask, image_embeds.astype(self.dtype))
         return x
 
 
@@ -255,10 +258,11 @@ class BLIP(nn.Module):
     config: ImageRewardConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat, attention_impl=self.attention_impl)
         self.visual_encoder = VisionTransformer(self.config.vision, **kw)
         self.text_encoder = BertModel(self.config.text, **kw)
 
@@ -280,15 +284,17 @@ class ImageReward(nn.Module):
 
     ``dtype`` is the compute dtype of the ViT and BERT (LayerNorms, softmax and head in float32);
     ``param_dtype`` that of freshly initialised params; ``remat`` rematerialises each ViT block and
-    BERT layer in the backward pass (param names unchanged).
+    BERT layer in the backward pass (param names unchanged); ``attention_impl``: `jaxlcd.models.attention`.
     """
     config: ImageRewardConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     def setup(self):
-        self.blip = BLIP(self.config, dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+        self.blip = BLIP(self.config, dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+                         attention_impl=self.attention_impl)
         self.mlp = RewardMLP(param_dtype=self.param_dtype)
 
     def image_embeds(self, pixels):
@@ -388,7 +394,7 @@ def tokenize_imagereward(tokenizer, prompts: Sequence[str], use_enc_token: bool 
 # ---- folders ----------------------------------------------------------------------------------------------
 
 def load_imagereward(path: str, dtype=jnp.float32, param_dtype=np.float32, allow_pickle: bool = False,
-                     remat: bool = False):
+                     remat=False, attention_impl: str = "auto"):
     """An ImageReward folder -> ``(module, params, tokenizer)``.
 
     The folder holds ``model.safetensors`` (ImageReward state-dict keys), ``med_config.json``, and
@@ -408,7 +414,7 @@ def load_imagereward(path: str, dtype=jnp.float32, param_dtype=np.float32, allow
     config = ImageRewardConfig.from_dict({"vision": vision, "text": io.read_json_object(med_path)})
     raw = io.read_tensors(path, "model", allow_pickle=allow_pickle)
     state = {canonical_key(k): v for k, v in raw.items() if canonical_key(k) is not None}
-    module = ImageReward(config, dtype=dtype, remat=remat)
+    module = ImageReward(config, dtype=dtype, remat=remat, attention_impl=attention_impl)
     shapes = param_shapes(module)
     table = tables.build_table(shapes)
     params = tables.pt_to_flax(state, table, shapes, dtype=param_dtype, what=path)

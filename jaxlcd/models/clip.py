@@ -151,14 +151,16 @@ class CLIPVisionTransformer(nn.Module):
     config: CLIPVisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.config.layer_norm_eps
         self.embeddings = CLIPVisionEmbeddings(self.config, **kw)
         self.pre_layrnorm = nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=self.param_dtype)
-        self.encoder = CLIPEncoder(self.config, remat=self.remat, causal=False, **kw)
+        self.encoder = CLIPEncoder(self.config, remat=self.remat, causal=False, attention_impl=self.attention_impl,
+                                   **kw)
         self.post_layernorm = nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=self.param_dtype)
 
     def __call__(self, pixel_values):
@@ -174,12 +176,14 @@ class CLIPModel(nn.Module):
     config: CLIPConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.text_model = CLIPTextTransformer(c.text_config, remat=self.remat, **kw)
-        self.vision_model = CLIPVisionTransformer(c.vision_config, remat=self.remat, **kw)
+        enc = dict(remat=self.remat, attention_impl=self.attention_impl)
+        self.text_model = CLIPTextTransformer(c.text_config, **enc, **kw)
+        self.vision_model = CLIPVisionTransformer(c.vision_config, **enc, **kw)
         self.visual_projection = nn.Dense(c.projection_dim, use_bias=False, **kw)
         self.text_projection = nn.Dense(c.projection_dim, use_bias=False, **kw)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init_value), (),
@@ -247,7 +251,7 @@ def canonical_key(key: str) -> Optional[str]:
 
 
 def build(config: dict, dtype=jnp.float32, **kw) -> CLIPModel:
-    """A `CLIPModel` from a transformers CLIPConfig dict; ``kw``: param_dtype, remat."""
+    """A `CLIPModel` from a transformers CLIPConfig dict; ``kw``: param_dtype, remat, attention_impl."""
     return CLIPModel(CLIPConfig.from_dict(config), dtype=dtype, **kw)
 
 

@@ -28,7 +28,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxlcd.models.config import ConfigError, ModelConfig, require
-from jaxlcd.models.layers import activation, attention, layer_norm, maybe_remat
+from jaxlcd.models.attention import attention
+from jaxlcd.models.layers import activation, layer_norm, maybe_remat
 from jaxlcd.weights.spec import ComponentSpec
 from jaxlcd.errors import InputError
 
@@ -81,13 +82,15 @@ class CLIPAttention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     causal: bool = True
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d = self.config.hidden_size
         q, k, v = (nn.Dense(d, name=n, **kw)(x) for n in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v, heads=self.config.num_attention_heads, is_causal=self.causal)
+        out = attention(q, k, v, heads=self.config.num_attention_heads, is_causal=self.causal,
+                        impl=self.attention_impl)
         return nn.Dense(d, name="out_proj", **kw)(out)
 
 
@@ -111,12 +114,14 @@ class CLIPEncoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     causal: bool = True
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         eps = self.config.layer_norm_eps
-        attn = CLIPAttention(self.config, causal=self.causal, name="self_attn", **kw)
+        attn = CLIPAttention(self.config, causal=self.causal, attention_impl=self.attention_impl, name="self_attn",
+                             **kw)
         x = x + attn(layer_norm(eps, "layer_norm1", **kw)(x))
         return x + CLIPMLP(self.config, name="mlp", **kw)(layer_norm(eps, "layer_norm2", **kw)(x))
 
@@ -141,8 +146,9 @@ class CLIPEncoder(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
     causal: bool = True
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -150,7 +156,7 @@ class CLIPEncoder(nn.Module):
         states = [x]
         for i in range(self.config.num_hidden_layers):
             x = layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype, causal=self.causal,
-                          name=f"layers_{i}")(x)
+                          attention_impl=self.attention_impl, name=f"layers_{i}")(x)
             states.append(x)
         return states
 
@@ -160,12 +166,13 @@ class CLIPTextTransformer(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embeddings = CLIPTextEmbeddings(self.config, **kw)
-        self.encoder = CLIPEncoder(self.config, remat=self.remat, **kw)
+        self.encoder = CLIPEncoder(self.config, remat=self.remat, attention_impl=self.attention_impl, **kw)
         self.final_layer_norm = nn.LayerNorm(epsilon=self.config.layer_norm_eps, dtype=jnp.float32,
                                              param_dtype=self.param_dtype)
 
@@ -183,16 +190,18 @@ class CLIPTextModel(nn.Module):
 
     ``dtype`` is the compute dtype (LayerNorms and the attention softmax run in float32);
     ``param_dtype`` the dtype of freshly initialised params; ``remat`` rematerialises each encoder
-    layer in the backward pass (param names unchanged).
+    layer in the backward pass (param names unchanged; a policy name: `layers.remat_policy`);
+    ``attention_impl``: `jaxlcd.models.attention`.
     """
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     def setup(self):
         self.text_model = CLIPTextTransformer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                                              remat=self.remat)
+                                              remat=self.remat, attention_impl=self.attention_impl)
 
     def __call__(self, input_ids, output_penultimate: bool = False):
         """input_ids [B, L] int (L <= max_position_embeddings) -> last_hidden_state [B, L, D] in ``dtype``.
@@ -242,7 +251,7 @@ def file_key(key: str) -> str:
 
 
 def build(config: dict, dtype=jnp.float32, **kw) -> CLIPTextModel:
-    """A `CLIPTextModel` from a config.json dict; ``kw``: param_dtype, remat."""
+    """A `CLIPTextModel` from a config.json dict; ``kw``: param_dtype, remat, attention_impl."""
     return CLIPTextModel(CLIPTextConfig.from_dict(config), dtype=dtype, **kw)
 
 

@@ -39,20 +39,6 @@ def layer_norm(epsilon: float, name: str, dtype: Dtype, param_dtype: Dtype):
     return lambda x: ln(x.astype(jnp.float32)).astype(dtype)
 
 
-def attention(q, k, v, *, heads: int, upcast: bool = False, is_causal: bool = False):
-    """Multi-head scaled dot-product attention through ``jax.nn.dot_product_attention``.
-
-    q: [B, Tq, heads*dh], k/v: [B, Tk, heads*dh] -> [B, Tq, heads*dh] in q's dtype. ``upcast``
-    computes the whole attention in float32 (SD 2.1-768 needs it in half precision).
-    """
-    out_dtype = q.dtype
-    if upcast:
-        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, a.shape[2] // heads)
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), is_causal=is_causal)
-    return out.reshape(out.shape[0], out.shape[1], -1).astype(out_dtype)
-
-
 def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0):
     """diffusers ``get_timestep_embedding``: t [B] (int or float) -> [B, dim] float32."""
@@ -129,6 +115,33 @@ class Upsample2D(nn.Module):
         return conv(self.out_channels, 3, "conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
-def maybe_remat(module_cls, enabled: bool):
-    """``nn.remat(module_cls)`` when enabled (param names are unchanged either way)."""
-    return nn.remat(module_cls) if enabled else module_cls
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,                                            # save only the block's inputs; recompute the rest
+    "dots": jax.checkpoint_policies.dots_saveable,           # save every matmul/conv output
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,   # ...without a batch dimension
+}
+
+
+def remat_policy(remat):
+    """(enabled, jax checkpoint policy) of a ``remat`` setting: False/True (= 'none'/'full'), one of
+    REMAT_POLICIES, or the name of a policy in ``jax.checkpoint_policies`` (e.g. 'everything_saveable')."""
+    if isinstance(remat, str) and remat.lower() in ("false", "true"):   # --config.remat=true
+        remat = remat.lower() == "true"
+    if remat is False or remat is None or remat == "none":
+        return False, None
+    if remat is True or remat == "full":
+        return True, None
+    if isinstance(remat, str) and remat in REMAT_POLICIES:
+        return True, REMAT_POLICIES[remat]
+    policy = getattr(jax.checkpoint_policies, remat, None) if isinstance(remat, str) else None
+    if policy is None or remat.startswith(("_", "save_", "offload_")):   # those are policy factories
+        raise InputError(f"remat={remat!r} is not a remat policy; use one of {list(REMAT_POLICIES)} or a "
+                         "policy name of jax.checkpoint_policies")
+    return True, policy
+
+
+def maybe_remat(module_cls, remat):
+    """``nn.remat(module_cls, policy=...)`` for a ``remat`` setting (see `remat_policy`); param names unchanged."""
+    enabled, policy = remat_policy(remat)
+    return nn.remat(module_cls, policy=policy) if enabled else module_cls

@@ -80,17 +80,19 @@ class LatentRewardModel(nn.Module):
     config: LRMConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.text_model = CLIPTextTransformer(c.text_config, remat=self.remat, **kw)
+        enc = dict(remat=self.remat, attention_impl=self.attention_impl)
+        self.text_model = CLIPTextTransformer(c.text_config, **enc, **kw)
         self.text_projection = nn.Dense(c.projection_dim, use_bias=False, **kw)
         if c.arch == "latent_vit":
-            self.vision_model = CLIPVisionTransformer(c.vision_config, remat=self.remat, **kw)
+            self.vision_model = CLIPVisionTransformer(c.vision_config, **enc, **kw)
             self.visual_projection = nn.Dense(c.projection_dim, use_bias=False, **kw)
         else:
-            self.visual = ModifiedResNet(c.vision_config, remat=self.remat, **kw)
+            self.visual = ModifiedResNet(c.vision_config, **enc, **kw)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init_value), (),
                                       self.param_dtype)
 

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlcd.models.config import ConfigError, ModelConfig
-from jaxlcd.models.layers import attention, maybe_remat
+from jaxlcd.models.attention import attention
+from jaxlcd.models.layers import maybe_remat
 from jaxlcd.errors import InputError
 
 Dtype = Any
@@ -140,6 +141,7 @@ class AttentionPool2d(nn.Module):
     output_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -154,7 +156,7 @@ class AttentionPool2d(nn.Module):
         x = jnp.concatenate([mean, x], axis=1) + pos[None].astype(x.dtype)            # [B, S*S+1, D]
         q = dense("q_proj", d)(x[:, :1])
         k, v = dense("k_proj", d)(x), dense("v_proj", d)(x)
-        out = attention(q, k, v, heads=self.heads)                                     # [B, 1, D]
+        out = attention(q, k, v, heads=self.heads, impl=self.attention_impl)                           # [B, 1, D]
         return dense("c_proj", self.output_dim)(out[:, 0])
 
 
@@ -170,7 +172,8 @@ class ModifiedResNet(nn.Module):
     config: ModifiedResNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -191,7 +194,8 @@ class ModifiedResNet(nn.Module):
             for j in range(n):
                 stride = 2 if stage > 0 and j == 0 else 1
                 x = block(c.width * 2 ** stage, stride, name=f"layer{stage + 1}_{j}", **kw)(x)
-        return AttentionPool2d(c.image_size // 32, c.embed_dim, c.heads, c.output_dim, name="attnpool", **kw)(x)
+        return AttentionPool2d(c.image_size // 32, c.embed_dim, c.heads, c.output_dim, name="attnpool",
+                              attention_impl=self.attention_impl, **kw)(x)
 
 
 def batchnorm_stat_mask(params):

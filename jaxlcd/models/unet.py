@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxlcd.models import layers
+from jaxlcd.models.attention import attention
 from jaxlcd.models.config import ConfigError, ModelConfig, per_block, require
 from jaxlcd.weights.spec import ComponentSpec
 from jaxlcd.errors import InputError
@@ -92,9 +93,10 @@ class Attention(nn.Module):
     """
     heads: int
     bias: bool = False
-    upcast: bool = False
+    upcast: bool = False    # diffusers' upcast_attention: every `attention` path already computes it this way
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, context=None):
@@ -104,7 +106,7 @@ class Attention(nn.Module):
         q = nn.Dense(dim, use_bias=self.bias, name="to_q", **kw)(x)
         k = nn.Dense(dim, use_bias=self.bias, name="to_k", **kw)(ctx)
         v = nn.Dense(dim, use_bias=self.bias, name="to_v", **kw)(ctx)
-        out = layers.attention(q, k, v, heads=self.heads, upcast=self.upcast)
+        out = attention(q, k, v, heads=self.heads, impl=self.attention_impl)
         return nn.Dense(dim, name="to_out_0", **kw)(out)
 
 
@@ -114,11 +116,12 @@ class BasicTransformerBlock(nn.Module):
     upcast: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, context):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = dict(heads=self.heads, upcast=self.upcast, **kw)
+        attn = dict(heads=self.heads, upcast=self.upcast, attention_impl=self.attention_impl, **kw)
         x = x + Attention(name="attn1", **attn)(layers.layer_norm(1e-5, "norm1", **kw)(x))
         x = x + Attention(name="attn2", **attn)(layers.layer_norm(1e-5, "norm2", **kw)(x), context)
         h = layers.layer_norm(1e-5, "norm3", **kw)(x)
@@ -138,9 +141,10 @@ class Transformer2D(nn.Module):
     groups: int = 32
     linear_projection: bool = False
     upcast: bool = False
-    remat: bool = False
+    remat: Any = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, context):
@@ -153,7 +157,8 @@ class Transformer2D(nn.Module):
             y = layers.conv(c, 1, "proj_in", **kw)(y).reshape(b, h * w, c)
         block_cls = layers.maybe_remat(BasicTransformerBlock, self.remat)
         for i in range(self.num_layers):
-            y = block_cls(self.heads, self.upcast, name=f"transformer_blocks_{i}", **kw)(y, context)
+            y = block_cls(self.heads, self.upcast, name=f"transformer_blocks_{i}", attention_impl=self.attention_impl,
+                          **kw)(y, context)
         if self.linear_projection:
             y = nn.Dense(c, name="proj_out", **kw)(y).reshape(b, h, w, c)
         else:
@@ -163,11 +168,15 @@ class Transformer2D(nn.Module):
 
 class UNet2DConditionModel(nn.Module):
     """x [B,H,W,Cin], timesteps [B] (or scalar) int/float, context [B,L,D], timestep_cond [B,Dw] or None
-    -> [B,H,W,Cout] in ``dtype``. H and W must be multiples of 2**(number of down blocks - 1)."""
+    -> [B,H,W,Cout] in ``dtype``. H and W must be multiples of 2**(number of down blocks - 1).
+
+    ``remat``: per resnet and transformer block, False/True or a policy name (`layers.remat_policy`);
+    ``attention_impl``: `jaxlcd.models.attention` ('auto' picks the fused kernel of the backend)."""
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, timesteps, context, timestep_cond=None):
@@ -184,7 +193,8 @@ class UNet2DConditionModel(nn.Module):
         resnet_cls = layers.maybe_remat(layers.ResnetBlock2D, self.remat)
         resnet = lambda ch, name: resnet_cls(ch, cfg.norm_num_groups, cfg.norm_eps, cfg.act_fn, name=name, **kw)
         transformer = lambda nh, nl, name: Transformer2D(
-            nh, nl, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention, self.remat, name=name, **kw)
+            nh, nl, cfg.norm_num_groups, cfg.use_linear_projection, cfg.upcast_attention, self.remat, name=name,
+            attention_impl=self.attention_impl, **kw)
 
         # time embedding (+ LCM guidance-scale embedding through cond_proj)
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (x.shape[0],))
@@ -242,9 +252,10 @@ class TimestepEmbedding(nn.Module):
         return nn.Dense(self.features, name="linear_2", **kw)(temb)
 
 
-def build(config: dict, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False) -> UNet2DConditionModel:
-    """A UNet module from a diffusers config.json dict (raises ConfigError on unsupported values)."""
-    return UNet2DConditionModel(UNetConfig.from_dict(config), dtype=dtype, param_dtype=param_dtype, remat=remat)
+def build(config: dict, dtype=jnp.float32, **kw) -> UNet2DConditionModel:
+    """A UNet module from a diffusers config.json dict (raises ConfigError on unsupported values);
+    ``kw``: param_dtype, remat, attention_impl."""
+    return UNet2DConditionModel(UNetConfig.from_dict(config), dtype=dtype, **kw)
 
 
 def dummy_inputs(module: UNet2DConditionModel):

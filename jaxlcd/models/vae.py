@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxlcd.models.config import ConfigError, ModelConfig
-from jaxlcd.models.layers import (Downsample2D, ResnetBlock2D, Upsample2D, activation, attention, conv,
-                                  group_norm, maybe_remat)
+from jaxlcd.models.attention import attention
+from jaxlcd.models.layers import (Downsample2D, ResnetBlock2D, Upsample2D, activation, conv, group_norm,
+                                  maybe_remat)
 from jaxlcd.weights.spec import ComponentSpec
 
 Dtype = Any
@@ -93,6 +94,7 @@ class VAEAttention(nn.Module):
     groups: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -100,7 +102,7 @@ class VAEAttention(nn.Module):
         b, h, w, c = x.shape
         hs = group_norm(self.groups, VAE_EPS, "group_norm", **kw)(x).reshape(b, h * w, c)
         q, k, v = (nn.Dense(c, name=n, **kw)(hs) for n in ("to_q", "to_k", "to_v"))
-        out = attention(q, k, v, heads=c // self.head_dim)
+        out = attention(q, k, v, heads=c // self.head_dim, impl=self.attention_impl)
         out = nn.Dense(c, name="to_out_0", **kw)(out)
         return out.reshape(b, h, w, c) + x
 
@@ -111,9 +113,10 @@ class MidBlock(nn.Module):
     groups: int
     act: str
     add_attention: bool = True
-    remat: bool = False
+    remat: Any = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -123,7 +126,8 @@ class MidBlock(nn.Module):
         rkw = dict(groups=self.groups, eps=VAE_EPS, act=self.act, **kw)
         x = Resnet(self.channels, name="resnets_0", **rkw)(x)
         if self.add_attention:  # attention_head_dim = channels in the diffusers VAE -> 1 head
-            x = Attn(self.channels, self.channels, self.groups, name="attentions_0", **kw)(x)
+            x = Attn(self.channels, self.channels, self.groups, name="attentions_0", attention_impl=self.attention_impl,
+                     **kw)(x)
         return Resnet(self.channels, name="resnets_1", **rkw)(x)
 
 
@@ -136,7 +140,7 @@ class SampleBlock(nn.Module):
     act: str
     resample: bool
     up: bool
-    remat: bool = False
+    remat: Any = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -157,9 +161,10 @@ class SampleBlock(nn.Module):
 class Encoder(nn.Module):
     """diffusers VAE ``Encoder`` (double_z): img [B,H,W,in] -> [B,H/f,W/f,2*latent], f = 2**(n-1)."""
     config: VAEConfig
-    remat: bool = False
+    remat: Any = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -169,7 +174,8 @@ class Encoder(nn.Module):
         for i, c in enumerate(chans):
             x = SampleBlock(c, cfg.layers_per_block, g, cfg.act_fn, resample=i < len(chans) - 1, up=False,
                             remat=self.remat, name=f"down_blocks_{i}", **kw)(x)
-        x = MidBlock(chans[-1], g, cfg.act_fn, cfg.mid_block_add_attention, self.remat, name="mid_block", **kw)(x)
+        x = MidBlock(chans[-1], g, cfg.act_fn, cfg.mid_block_add_attention, self.remat, name="mid_block",
+                     attention_impl=self.attention_impl, **kw)(x)
         x = nn.silu(group_norm(g, VAE_EPS, "conv_norm_out", **kw)(x))  # diffusers: always SiLU here
         return conv(2 * cfg.latent_channels, 3, "conv_out", **kw)(x)
 
@@ -177,16 +183,18 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """diffusers VAE ``Decoder`` (norm_type 'group'): z [B,h,w,latent] -> [B,h*f,w*f,out_channels]."""
     config: VAEConfig
-    remat: bool = False
+    remat: Any = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, z):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         chans, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
         x = conv(chans[0], 3, "conv_in", **kw)(z.astype(self.dtype))
-        x = MidBlock(chans[0], g, cfg.act_fn, cfg.mid_block_add_attention, self.remat, name="mid_block", **kw)(x)
+        x = MidBlock(chans[0], g, cfg.act_fn, cfg.mid_block_add_attention, self.remat, name="mid_block",
+                     attention_impl=self.attention_impl, **kw)(x)
         for i, c in enumerate(chans):
             x = SampleBlock(c, cfg.layers_per_block + 1, g, cfg.act_fn, resample=i < len(chans) - 1, up=True,
                             remat=self.remat, name=f"up_blocks_{i}", **kw)(x)
@@ -196,17 +204,18 @@ class Decoder(nn.Module):
 
 class AutoencoderKL(nn.Module):
     """diffusers ``AutoencoderKL``. ``dtype`` is the compute dtype (norms and softmax stay float32);
-    ``remat`` wraps every resnet/attention block in ``nn.remat``. ``init`` runs `__call__`, which
-    touches every parameter."""
+    ``remat`` wraps every resnet/attention block in ``nn.remat`` (a policy name: `layers.remat_policy`);
+    ``attention_impl``: `jaxlcd.models.attention`. ``init`` runs `__call__`, which touches every parameter."""
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: Any = False
+    attention_impl: str = "auto"
 
     def setup(self):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = Encoder(cfg, self.remat, **kw)
-        self.decoder = Decoder(cfg, self.remat, **kw)
+        self.encoder = Encoder(cfg, self.remat, attention_impl=self.attention_impl, **kw)
+        self.decoder = Decoder(cfg, self.remat, attention_impl=self.attention_impl, **kw)
         lc = cfg.latent_channels
         if cfg.use_quant_conv:
             self.quant_conv = nn.Conv(2 * lc, (1, 1), padding="VALID", **kw)
@@ -284,7 +293,7 @@ def canonical_key(key: str) -> str:
 
 
 def build(config: dict, dtype=jnp.float32, **kw) -> AutoencoderKL:
-    """An `AutoencoderKL` from a config.json dict; ``kw``: param_dtype, remat."""
+    """An `AutoencoderKL` from a config.json dict; ``kw``: param_dtype, remat, attention_impl."""
     return AutoencoderKL(VAEConfig.from_dict(config), dtype=dtype, **kw)
 
 

@@ -92,8 +92,9 @@ def make_lrm_optimizer(params, learning_rate: float, weight_decay: float = 0.0,
     return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, labels)
 
 
-def load_lrm(path: str, *, dtype=jnp.float32, allow_pickle: bool = False) -> LatentReward:
-    """An LRM folder (config.json ``LatentRewardModel`` + model.safetensors; CLIP tokenizer files optional)."""
+def load_lrm(path: str, *, dtype=jnp.float32, allow_pickle: bool = False, attention: str = "auto") -> LatentReward:
+    """An LRM folder (config.json ``LatentRewardModel`` + model.safetensors; CLIP tokenizer files optional);
+    ``attention``: its attention implementation (`jaxlcd.models.attention`)."""
     from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
     from jaxlcd.loaders import load_component
 
@@ -103,4 +104,4 @@ def load_lrm(path: str, *, dtype=jnp.float32, allow_pickle: bool = False) -> Lat
     tok_dir = os.path.join(path, "tokenizer")
     if not os.path.isdir(tok_dir):
         tok_dir = build_clip_tokenizer_files(os.path.join(os.path.expanduser("~/.cache/jaxlcd"), "lrm_tokenizer"))
-    return LatentReward(module, params, load_tokenizer(tok_dir))
+    return LatentReward(module.clone(attention_impl=attention), params, load_tokenizer(tok_dir))

@@ -33,7 +33,7 @@ class RewardError(InputError):
     """An unknown reward name, a malformed reward expression, or a missing model path."""
 
 
-def _clip_model(path: str, dtype, allow_pickle: bool):
+def _clip_model(path: str, dtype, allow_pickle: bool, attention: str = "auto"):
     """(module, params, tokenizer, text context length) from a transformers or open_clip CLIP folder."""
     from jaxlcd.models import clip
     from jaxlcd.tokenizer import build_clip_tokenizer_files, load_tokenizer
@@ -52,13 +52,15 @@ def _clip_model(path: str, dtype, allow_pickle: bool):
     # id (transformers maps every "!" to the pad id otherwise); pooled features never see the padding.
     tok_dir = path if has_tok else build_clip_tokenizer_files(
         os.path.join(os.path.expanduser("~/.cache/jaxlcd"), "clip_tokenizer"))
-    return module, params, load_tokenizer(tok_dir), module.config.text_config.max_position_embeddings
+    return (module.clone(attention_impl=attention), params, load_tokenizer(tok_dir),
+            module.config.text_config.max_position_embeddings)
 
 
-def _clip_cosine(name: str, path: str, dtype, antialias: bool, allow_pickle: bool) -> RewardModel:
+def _clip_cosine(name: str, path: str, dtype, antialias: bool, allow_pickle: bool, attention: str = "auto"
+                 ) -> RewardModel:
     from jaxlcd.tokenizer import tokenize
 
-    module, params, tok, length = _clip_model(path, dtype, allow_pickle)
+    module, params, tok, length = _clip_model(path, dtype, allow_pickle, attention)
     return clip_cosine_reward(name, module, params, lambda prompts: {"input_ids": tokenize(tok, prompts, length)},
                               antialias)
 
@@ -81,10 +83,11 @@ def clip_cosine_reward(name: str, module, params, tokenize, antialias: bool = Tr
     return RewardModel(name, params, tokenize, encode_text, score_images, scale, size)
 
 
-def _aesthetic(name: str, path: str, dtype, antialias: bool, allow_pickle: bool) -> RewardModel:
+def _aesthetic(name: str, path: str, dtype, antialias: bool, allow_pickle: bool, attention: str = "auto"
+               ) -> RewardModel:
     from jaxlcd.weights.io import read_tensor_file
 
-    module, params, _, _ = _clip_model(path, dtype, allow_pickle)
+    module, params, _, _ = _clip_model(path, dtype, allow_pickle, attention)
     head_file = os.path.join(path, "aesthetic_head.safetensors")
     if not os.path.isfile(head_file):
         raise RewardError(f"{path!r} has no aesthetic_head.safetensors (the LAION linear head: weight [1, D], "
@@ -103,12 +106,12 @@ def _aesthetic(name: str, path: str, dtype, antialias: bool, allow_pickle: bool)
 
 
 def imagereward_model(name: str, path: str, dtype, antialias: bool, allow_pickle: bool,
-                      cap: float | None = IMAGEREWARD_CAP) -> RewardModel:
+                      attention: str = "auto", cap: float | None = IMAGEREWARD_CAP) -> RewardModel:
     """ImageReward's normalised reward ``(raw - mean) / std``, capped at ``cap`` for training (None: uncapped, as
     ImageReward's own ``score`` and the evaluation report it)."""
     from jaxlcd.models import blip
 
-    module, params, tok = blip.load_imagereward(path, dtype=dtype, allow_pickle=allow_pickle)
+    module, params, tok = blip.load_imagereward(path, dtype=dtype, allow_pickle=allow_pickle, attention_impl=attention)
     size = module.config.vision.image_size
 
     def tokenize(prompts):
@@ -145,11 +148,12 @@ def parse_reward_expression(expr: str) -> list[tuple[float, str]]:
 
 
 def load_reward(expr: str, path: Union[str, Mapping[str, str]], *, dtype=jnp.float32, antialias: bool = True,
-                allow_pickle: bool = False) -> RewardModel:
+                allow_pickle: bool = False, attention: str = "auto") -> RewardModel:
     """A reward model (or a weighted sum of them) ready to score ``rm(images [B,H,W,3] in [0,1], prompts)``.
 
     ``path``: the model folder for a single name, or a mapping name -> folder for a sum (a string
-    ``"hpsv2.1=/a,imagereward=/b"`` works too). ``dtype``: compute dtype of the towers.
+    ``"hpsv2.1=/a,imagereward=/b"`` works too). ``dtype``: compute dtype of the towers; ``attention``: their
+    attention implementation (`jaxlcd.models.attention`).
     """
     terms = parse_reward_expression(expr)
     if isinstance(path, str) and "=" in path:
@@ -162,5 +166,6 @@ def load_reward(expr: str, path: Union[str, Mapping[str, str]], *, dtype=jnp.flo
     missing = [n for _, n in terms if not path.get(n)]
     if missing:
         raise RewardError(f"no model path for reward {', '.join(missing)}")
-    return weighted_sum([(w, LOADERS[n](n, os.path.expanduser(path[n]), dtype, antialias, allow_pickle))
+    return weighted_sum([(w, LOADERS[n](n, os.path.expanduser(path[n]), dtype, antialias, allow_pickle,
+                                                  attention))
                          for w, n in terms])
