@@ -80,7 +80,9 @@ def parse_args(argv=None):
                    help="sharding of the frozen teacher/VAE/text params")
     p.add_argument("--inputs", nargs="+", default=["pixels"], choices=["pixels", "moments"],
                    help="pixels: [B,512,512,3] through the VAE encoder; moments: pre-encoded [B,64,64,8]")
-    p.add_argument("--no-remat", dest="remat", action="store_false", help="student UNet without remat")
+    p.add_argument("--remat", default="full", help="student UNet remat policy: none | full | dots | dots_no_batch")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"],
+                   help="attention implementation (auto = the Pallas splash kernel on TPU)")
     p.add_argument("--reward", default="none", choices=["none", "vit-h14"],
                    help="add the direct reward term with an OpenCLIP ViT-H/14-sized reward model (HPSv2.1's shape)")
     p.add_argument("--topology", default="v5e:2x4", help="get_topology_desc topology_name, e.g. v5e:2x4, v5e:2x2")
@@ -130,7 +132,7 @@ def abstract_reward(small: bool, dtype):
     return clip_cosine_reward("hpsv2.1", module, params, tokenize=None), params
 
 
-def build_models(small: bool, remat: bool, dtype=jnp.bfloat16, reward: str = "none"):
+def build_models(small: bool, remat, dtype=jnp.bfloat16, reward: str = "none", attention: str = "auto"):
     """(StepModels, abstract student params f32, abstract frozen tree in ``dtype``, abar, sizes)."""
     from jaxlcd.diffusion import schedule
     from jaxlcd.models import clip_text, unet, vae
@@ -138,10 +140,11 @@ def build_models(small: bool, remat: bool, dtype=jnp.bfloat16, reward: str = "no
 
     ucfg, vcfg, tcfg = (SMALL_UNET, SMALL_VAE, SMALL_TEXT) if small else (SD21_BASE_UNET, SD_VAE, SD2_TEXT)
     w_dim = 256
-    teacher = unet.build(ucfg, dtype=dtype)
-    student = unet.build(dict(ucfg, time_cond_proj_dim=w_dim), dtype=dtype, remat=remat)
-    vae_m = vae.build(vcfg, dtype=dtype)
-    text_m = clip_text.build(tcfg, dtype=dtype)
+    kw = dict(dtype=dtype, attention_impl=attention)
+    teacher = unet.build(ucfg, **kw)
+    student = unet.build(dict(ucfg, time_cond_proj_dim=w_dim), remat=remat, **kw)
+    vae_m = vae.build(vcfg, **kw)
+    text_m = clip_text.build(tcfg, **kw)
     student_params = abstract_params(unet.SPEC, student)
     frozen = {"teacher": as_dtype(abstract_params(unet.SPEC, teacher), dtype),
               "vae": as_dtype(abstract_params(vae.SPEC, vae_m), dtype),
@@ -189,7 +192,7 @@ def hbm_gib(device_kind: str, topology: str) -> float:
 
 # ------------------------------------------------------------------------------------------- compile
 def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip_batch: int, frozen_mode: str,
-                inputs: str, resolution: int, remat: bool):
+                inputs: str, resolution: int, remat: str, attention: str):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxlcd import parallel
@@ -223,7 +226,8 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                      out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
     t0 = time.perf_counter()
-    lowered = jitted.lower(abstract_state, frozen, batch)
+    with jax.set_mesh(mesh):   # attention 'auto' and the Pallas kernel's shard_map see the TPU mesh
+        lowered = jitted.lower(abstract_state, frozen, batch)
     t_lower = time.perf_counter() - t0
     print(f"  lowered in {t_lower:.1f} s; compiling for {n} x {mesh.devices.flat[0].device_kind} ...", flush=True)
     t0 = time.perf_counter()
@@ -239,7 +243,7 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     row = {
         "per_chip_batch": per_chip_batch, "global_batch": b, "frozen": frozen_mode, "inputs": inputs,
         "reward": "none" if models.reward is None else "vit-h14",
-        "remat": remat, "resolution": resolution,
+        "remat": remat, "attention": attention, "resolution": resolution,
         "args_gib": get("argument_size_in_bytes"), "output_gib": get("output_size_in_bytes"),
         "temp_gib": get("temp_size_in_bytes"), "alias_gib": get("alias_size_in_bytes"),
         "code_gib": get("generated_code_size_in_bytes"),
@@ -254,14 +258,15 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     return row
 
 
-COLUMNS = ["per-chip batch", "inputs", "reward", "frozen", "remat", "args GiB", "temp GiB", "out GiB", "alias GiB", "total GiB",
-           "fits 16 GiB", "TFLOP/step/chip", "compile s"]
+COLUMNS = ["per-chip batch", "inputs", "reward", "frozen", "remat", "attention", "args GiB", "temp GiB", "out GiB",
+           "alias GiB", "total GiB", "fits 16 GiB", "XLA TFLOP/step/chip", "GiB accessed/step/chip", "compile s"]
 
 
 def table_row(r: dict, hbm: float) -> list:
-    return [r["per_chip_batch"], r["inputs"], r.get("reward", "none"), r["frozen"], "on" if r["remat"] else "off", f"{r['args_gib']:.2f}",
-            f"{r['temp_gib']:.2f}", f"{r['output_gib']:.2f}", f"{r['alias_gib']:.2f}", f"{r['total_gib']:.2f}",
-            "yes" if r["total_gib"] <= hbm else "no", f"{r['tflop_per_chip']:.2f}", f"{r['compile_s']:.0f}"]
+    return [r["per_chip_batch"], r["inputs"], r.get("reward", "none"), r["frozen"], r["remat"], r["attention"],
+            f"{r['args_gib']:.2f}", f"{r['temp_gib']:.2f}", f"{r['output_gib']:.2f}", f"{r['alias_gib']:.2f}",
+            f"{r['total_gib']:.2f}", "yes" if r["total_gib"] <= hbm else "no", f"{r['tflop_per_chip']:.2f}",
+            f"{r['bytes_accessed_gib']:.0f}", f"{r['compile_s']:.0f}"]
 
 
 def print_table(rows: list[dict], hbm: float) -> None:
@@ -290,7 +295,8 @@ def main(argv=None) -> None:
             libtpu_version = "?"
     mesh, devices = topology_mesh(args.topology, args.fsdp)
     hbm = hbm_gib(devices[0].device_kind, args.topology)
-    models, student_params, frozen, abar, sizes, ctx_dim = build_models(args.small, args.remat, reward=args.reward)
+    models, student_params, frozen, abar, sizes, ctx_dim = build_models(args.small, args.remat, reward=args.reward,
+                                                                        attention=args.attention)
     meta = {"topology": args.topology, "device_kind": devices[0].device_kind, "chips": len(devices),
             "mesh": dict(mesh.shape), "hbm_gib_per_chip": hbm, "small": args.small, "resolution": resolution,
             "jax": jax.__version__, "libtpu": libtpu_version, "host": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -301,10 +307,11 @@ def main(argv=None) -> None:
         for frozen_mode in args.frozen:
             for bpc in args.per_chip_batch:
                 print(f"[{time.strftime('%H:%M:%S')}] per-chip batch {bpc}, inputs {inputs}, frozen {frozen_mode}, "
-                      f"remat {args.remat}", flush=True)
+                      f"remat {args.remat}, attention {args.attention}", flush=True)
                 try:
                     row = compile_one(models, student_params, frozen, abar, ctx_dim, mesh, per_chip_batch=bpc,
-                                      frozen_mode=frozen_mode, inputs=inputs, resolution=resolution, remat=args.remat)
+                                      frozen_mode=frozen_mode, inputs=inputs, resolution=resolution, remat=args.remat,
+                                      attention=args.attention)
                 except Exception as e:  # noqa: BLE001 - report and go on with the next configuration
                     print(f"  FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
                     rows.append({"per_chip_batch": bpc, "inputs": inputs, "frozen": frozen_mode,

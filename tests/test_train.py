@@ -31,13 +31,18 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(inputs, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    loop.train(tiny_config(inputs), workdir)
+    loop.train(tiny_config(inputs, peak_tflops=1.0), workdir)   # a CPU has no peak in the table: give one
     return workdir
 
 
 def test_tiny_run_trains_checkpoints_and_exports(trained):
     record = losses(trained)
     assert sorted(record) == list(range(1, STEPS + 1)) and all(np.isfinite(v) for v in record.values())
+    with open(os.path.join(trained, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "mfu" in r]
+    # MFU = model FLOPs per step / (devices x 1 TFLOP/s) x steps/s: the same FLOPs at every logged step
+    share = [r["mfu"] / r["steps_per_s"] for r in rows]
+    assert len(rows) == STEPS and 0 < min(share) and max(share) - min(share) <= 1e-9 * max(share)
     assert checkpoint.Checkpointer(trained).latest_step() == STEPS
     assert sorted(os.listdir(os.path.join(trained, "checkpoints"))) == ["2", "4"]
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(trained, "tensorboard")))
@@ -111,6 +116,10 @@ def test_nan_stops_without_saving(inputs, tmp_path):
     ({"lcd.loss": "huberr"}, "lcd.loss='huberr' is unknown"),
     ({"mesh.data": 3, "mesh.fsdp": 1}, "not divisible by the mesh's batch axes data\\*fsdp = 3"),
     ({"teacher": "/nonexistent/sd"}, "config.teacher='/nonexistent/sd' does not exist"),
+    ({"remat": "dot"}, "remat='dot' is not a remat policy; use one of \\['none', 'full', 'dots', 'dots_no_batch'\\]"),
+    ({"attention": "flash"}, "attention='flash' is not an attention implementation"),
+    ({"attention": "cudnn"}, "attention='cudnn' needs an NVIDIA GPU, but this run's backend is cpu"),
+    ({"reward.remat": "sometimes"}, "reward.remat='sometimes' is unknown"),
 ])
 def test_bad_config_is_one_clear_sentence(inputs, overrides, message):
     with pytest.raises(setup.ConfigValueError, match=message):

@@ -106,6 +106,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.xla_flags = ""               # extra XLA_FLAGS for this run (appended to the environment's)
     c.remat = "none"               # student UNet blocks in the backward: none | full | dots | dots_no_batch (README)
     c.attention = "auto"           # auto (cuDNN flash on GPU, Pallas splash on TPU, XLA on CPU) | xla | cudnn | pallas
+    c.peak_tflops = 0.0            # one device's peak for the logged MFU; 0: by device kind (H100/H200, TPU v5e/v5p/v6e)
     c.random_crop = False
     c.random_flip = False
     # skip samples: an image side under min_size pixels (0: keep all); with LAION-style json metadata in webdataset

@@ -50,8 +50,12 @@ def validate_config(cfg, num_devices: int) -> None:
         raise ConfigValueError(f"resolution={cfg.resolution} must be a multiple of 8 (the VAE factor)")
     if cfg.per_device_batch < 1 or cfg.total_steps < 1 or cfg.log_every < 1 or cfg.checkpoint_every < 1:
         raise ConfigValueError("per_device_batch, total_steps, log_every and checkpoint_every must be positive")
-    layers.remat_policy(cfg.remat)
-    attention.check_available(cfg.attention, attention.traced_platform())
+    try:
+        layers.remat_policy(cfg.remat)
+        attention.check_available(cfg.attention, attention.traced_platform())
+        reward_remat(cfg.reward)
+    except InputError as e:
+        raise ConfigValueError(str(e)) from None
     if cfg.shard_frozen not in ("replicate", "fsdp"):
         raise ConfigValueError(f"shard_frozen={cfg.shard_frozen!r} is unknown; use 'replicate' or 'fsdp'")
     mesh = dict(cfg.mesh)
@@ -81,7 +85,6 @@ def _validate_guidance(cfg) -> None:
     if r.decode_microbatch < 0 or (r.decode_microbatch and cfg.per_device_batch % r.decode_microbatch):
         raise ConfigValueError(f"reward.decode_microbatch={r.decode_microbatch} must be 0 or divide "
                                f"per_device_batch={cfg.per_device_batch}")
-    reward_remat(r)
     if lrm.enabled and lrm.update and not r.name:
         raise ConfigValueError("lrm.update=True fits the LRM to an expert reward model: set reward.name "
                                "(e.g. hpsv2.1) and reward.path, or pass --config.lrm.update=False")

@@ -17,6 +17,7 @@ from jaxlcd.diffusion import consistency as cm
 from jaxlcd.diffusion import schedule
 from jaxlcd.diffusion.samplers import decode_to_images
 from jaxlcd.models import vae as vae_lib
+from jaxlcd.models.layers import in_reference_math
 from jaxlcd.rewards.base import RewardModel
 from jaxlcd.rewards.lrm import LatentReward, pairwise_preference_loss
 from jaxlcd.distill.state import DistillState
@@ -45,7 +46,7 @@ def decode_images(vae, vae_params, latents, microbatch: int = 0, remat: bool = T
     decode = lambda z: decode_to_images(
         lambda x: vae.apply({"params": vae_params}, x.astype(vae.dtype), method=vae.decode),
         z, vae.config.scaling_factor, vae.config.shift_factor or 0.0)
-    if remat:
+    if remat and not in_reference_math():
         decode = jax.checkpoint(decode)
     b = latents.shape[0]
     if not microbatch or microbatch >= b:
@@ -136,7 +137,9 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
             mean_reward = lambda x: jnp.mean(m.lrm.cosine(state.lrm_params, unscale(x), lrm_text))
         elif m.reward is not None:
             beta, text = reward_cfg.beta, m.reward.text_features(frozen["reward"], batch["reward_tokens"])
-            score = jax.checkpoint(m.reward.score_images) if remat_reward else m.reward.score_images
+            score = m.reward.score_images
+            if remat_reward and not in_reference_math():
+                score = jax.checkpoint(score)
             mean_reward = lambda x: jnp.mean(score(frozen["reward"], decode_images(
                 m.vae, frozen["vae"], x, reward_cfg.decode_microbatch, remat_reward), text))
         if m.lrm is not None or m.reward is not None:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxlcd.errors import InputError
+from jaxlcd.models.layers import in_reference_math
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 BATCH_AXES = ("data", "fsdp")       # jaxlcd.parallel's batch axes (kept here to avoid an import cycle)
@@ -73,7 +74,7 @@ def attention(q, k, v, *, heads: int, impl: str = "auto", is_causal: bool = Fals
     """
     split = lambda a: a.reshape(a.shape[0], a.shape[1], heads, a.shape[2] // heads)
     q4, k4, v4 = split(q), split(k), split(v)
-    name = resolve(impl)
+    name = "xla" if in_reference_math() else resolve(impl)
     out = None
     if name == "cudnn" and bias is None and _cudnn_fits(q4, k4):
         try:
@@ -109,7 +110,8 @@ def _splash_kernel(heads: int, tq: int, tk: int, interpret: bool):
     sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
     mask = sm.MultiHeadMask([sm.FullMask((tq, tk))] * heads)
-    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    with jax.ensure_compile_time_eval():   # its mask tables are constants, not tracers of the first trace
+        return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash(q4, k4, v4, interpret: bool):

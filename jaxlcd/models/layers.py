@@ -6,6 +6,8 @@ PyTorch ``<list>.<i>``. Norms and the attention softmax run in float32 whatever 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any
 
@@ -15,6 +17,26 @@ import flax.linen as nn
 from jaxlcd.errors import InputError
 
 Dtype = Any
+_REFERENCE_MATH = contextvars.ContextVar("jaxlcd_reference_math", default=False)
+
+
+@contextlib.contextmanager
+def reference_math():
+    """Trace the models as the plain math: XLA attention and no rematerialisation, whatever their settings.
+
+    Only for analysing a program (`jaxlcd.training.flops.model_flops` traces under it to count model FLOPs
+    without recompute or opaque fused kernels); never around a training or sampling trace.
+    """
+    token = _REFERENCE_MATH.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE_MATH.reset(token)
+
+
+def in_reference_math() -> bool:
+    """True inside `reference_math`."""
+    return _REFERENCE_MATH.get()
 
 
 def conv(features: int, kernel: int, name: str, *, stride: int = 1, padding: Any = None,
@@ -144,4 +166,4 @@ def remat_policy(remat):
 def maybe_remat(module_cls, remat):
     """``nn.remat(module_cls, policy=...)`` for a ``remat`` setting (see `remat_policy`); param names unchanged."""
     enabled, policy = remat_policy(remat)
-    return nn.remat(module_cls, policy=policy) if enabled else module_cls
+    return nn.remat(module_cls, policy=policy) if enabled and not in_reference_math() else module_cls

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from jaxlcd import parallel
 from jaxlcd.errors import TrainingError
-from jaxlcd.training import checkpoint
+from jaxlcd.training import checkpoint, flops
 from jaxlcd.training.evaluators import Evaluator, StopRun
 from jaxlcd.training.metrics import MetricWriter, StopFlag
 from jaxlcd.training.optimizer import refresh_hyperparams
@@ -70,6 +70,21 @@ def _check_finite(pending: list, first_step: int) -> None:
                 "compute_dtype=float32) and resume.")
 
 
+def _mfu_flops(job: Job, cfg, state, batch) -> float:
+    """Model FLOPs of one step when the devices' peak is known (``cfg.peak_tflops`` or the device table), else 0."""
+    peak = float(cfg.get("peak_tflops", 0.0) or 0.0) * 1e12 or flops.peak_flops(jax.devices()[0].device_kind)
+    if not peak:
+        return 0.0
+    try:
+        count = flops.model_flops(lambda: job.step_fn, state, job.frozen, batch)
+    except Exception as e:  # noqa: BLE001 - the count is a report; training goes on without it
+        log.warning("could not count the step's model FLOPs (%s: %s); MFU is not logged", type(e).__name__, e)
+        return 0.0
+    log.info("model FLOPs per step: %.4g TFLOP; MFU against %.4g TFLOP/s per device x %d devices",
+             count / 1e12, peak / 1e12, jax.device_count())
+    return count / (peak * jax.device_count())
+
+
 def _data_states(batches) -> dict:
     """Every host's data-iterator state for the checkpoint (a collective on multi-process runs)."""
     return {"hosts": [json.loads(s) for s in parallel.all_processes_strings(batches.get_state())]}
@@ -94,10 +109,16 @@ def train(job: Job, cfg, workdir: str) -> Result:
                       out_shardings=(job.state_shardings, parallel.replicated(job.mesh)), donate_argnums=0)
     writer, stopper, lead = MetricWriter(workdir), StopFlag(), jax.process_index() == 0
     pending, last, t_window, step, stop = [], {}, time.perf_counter(), start, None
+    flop_share = None   # model FLOPs per step / (devices x peak FLOP/s): MFU = flop_share x steps/s
     bar = tqdm(total=cfg.total_steps, initial=start, desc=job.name, unit="step", dynamic_ncols=True, disable=not lead)
     try:
         while step < cfg.total_steps and not parallel.any_process(stopper.stop):  # all stop at the same step
-            state, metrics = step_fn(state, job.frozen, job.make_batch(next(job.batches)))
+            batch = job.make_batch(next(job.batches))
+            if flop_share is None:
+                flop_share = _mfu_flops(job, cfg, state, batch)
+                t_window = time.perf_counter()
+            with jax.set_mesh(job.mesh):   # kernels that run per device (Pallas attention) see the mesh
+                state, metrics = step_fn(state, job.frozen, batch)
             pending.append(metrics)
             step += 1
             bar.update(1)
@@ -108,6 +129,8 @@ def train(job: Job, cfg, workdir: str) -> Result:
                 elapsed, n = time.perf_counter() - t_window, len(pending)
                 last = {k: float(v) for k, v in jax.device_get(pending[-1]).items() if k != "finite"}
                 last.update(steps_per_s=n / elapsed, images_per_s=n * job.examples_per_step / elapsed)
+                if flop_share:
+                    last["mfu"] = flop_share * n / elapsed
                 if job.data_stats is not None:
                     last["data_skipped"] = sum(v for k, v in job.data_stats().items() if k != "examples")
                 writer.write(step, last)
