@@ -1,7 +1,7 @@
 """Speed and FLOPs of the compiled LCD training step, against the same step in eager PyTorch (same run).
 
     PYTHONPATH=. python benchmarks/train_step.py [--configs tiny mid] [--steps-tiny 10] [--steps-mid 3]
-                                                 [--torch-threads N]
+                                                 [--torch-threads N] [--remat full dots] [--attention auto]
 
 Configs:
   tiny  the tiny random teacher of `jaxlcd.tiny` (configs/rglcd.py:tiny), 64 px, batch 2;
@@ -16,9 +16,14 @@ PyTorch: the same work in eager mode with diffusers / transformers models loaded
 clip_grad_norm_(1.0), AdamW, EMA update. jax and torch steps are timed alternately (one of each per round), so a
 varying background load hits both alike; medians.
 
-FLOPs: XLA `cost_analysis()["flops"]` of the compiled jax step, beside `torch.utils.flop_counter.FlopCounterMode`
-on one PyTorch step (forward + backward) and an estimate built from per-model forward counts:
-3 x student fwd (fwd + bwd) + teacher fwd at 2B + target fwd + VAE encode + text encode.
+FLOPs: model FLOPs of the jax step (`jaxlcd.training.flops.model_flops`: matmuls and convolutions of the traced
+step, 2 per multiply-add, no remat recompute, attention as its matmuls whatever kernel runs it), XLA's
+`cost_analysis()["flops"]` of the compiled step (includes recompute; leaves out custom calls such as fused attention
+and, on GPU, cuDNN convolutions), `torch.utils.flop_counter.FlopCounterMode` on one PyTorch step (forward + backward,
+includes the gradient-checkpointing recompute when --remat is on) and an estimate built from per-model forward
+counts: 3 x student fwd (fwd + bwd) + teacher fwd at 2B + target fwd + VAE encode + text encode.
+MFU = model FLOPs / step time / the device's dense bf16 peak (`jaxlcd.training.flops.PEAK_FLOPS`); the same model
+FLOPs for both frameworks, since they do the same work.
 Prints markdown tables (copied into BENCHMARKS.md).
 
 On a machine where other processes hold cores, eager PyTorch with one OpenMP thread per core stalls at its
@@ -44,11 +49,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import gflops, machine, peak_rss_gib, print_table
+from jaxlcd.models.layers import remat_policy
+from jaxlcd.training import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a photo of an astronaut riding a horse"
-# dense bf16 peak (no sparsity), TFLOP/s, for MFU
-PEAK_BF16_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0}
 
 
 def get_config(variant: str):
@@ -91,7 +96,7 @@ def sd21base_teacher(tmp: str, batch: int):
 
     path = os.path.join(tmp, "sd21base")
     cfg = get_config("sd21base")
-    cfg.resolution, cfg.per_device_batch, cfg.compute_dtype, cfg.remat = 512, batch, "bfloat16", True
+    cfg.resolution, cfg.per_device_batch, cfg.compute_dtype = 512, batch, "bfloat16"
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return cfg, path
     torch.manual_seed(0)
@@ -123,11 +128,13 @@ class JaxStep:
         self.run = run
         self.frozen = run.frozen
         self.batch = {k: jnp.asarray(v) for k, v in (batch or {"pixels": pixels, "input_ids": ids}).items()}
-        fn = jax.jit(make_train_step(run.models, cfg.lcd, run.tx, run.abar), donate_argnums=0)
+        step = make_train_step(run.models, cfg.lcd, run.tx, run.abar)
+        fn = jax.jit(step, donate_argnums=0)
         t0 = time.perf_counter()
         self.compiled = fn.lower(run.state, self.frozen, self.batch).compile()
         self.compile_s = time.perf_counter() - t0
         self.gflop = gflops(self.compiled)
+        self.model_gflop = flops.model_flops(lambda: step, run.state, self.frozen, self.batch) / 1e9
         self.state = run.state
         self.n_student = sum(x.size for x in jax.tree_util.tree_leaves(run.state.params))
 
@@ -163,7 +170,7 @@ class TorchStep:
         missing, unexpected = self.student.load_state_dict(self.teacher.state_dict(), strict=False)
         assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
         self.student.to(self.device, torch.float32).train()
-        if cfg.remat:
+        if remat_policy(cfg.remat)[0]:
             self.student.enable_gradient_checkpointing()
         self.target = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.params = [p for p in self.student.parameters()]
@@ -273,6 +280,15 @@ class TorchStep:
 
 
 # ------------------------------------------------------------------------------------------- driver
+def with_kernels(cfg, remat, attention: str):
+    """A copy of ``cfg`` with the student remat policy (None: keep the config's) and the attention implementation."""
+    cfg = copy.deepcopy(cfg)
+    if remat is not None:
+        cfg.remat = remat
+    cfg.attention = attention
+    return cfg
+
+
 def bench(name: str, cfg, teacher_dir: str, steps: int, device: str = "cpu", jax_only: bool = False
           ) -> tuple[dict, dict]:
     from jaxlcd.pipeline import load_tokenizer, tokenize
@@ -285,16 +301,19 @@ def bench(name: str, cfg, teacher_dir: str, steps: int, device: str = "cpu", jax
 
     print(f"[{name}] building + compiling the jax step ...", flush=True)
     js = JaxStep(cfg, teacher_dir, pixels, ids)
-    print(f"[{name}] compiled in {js.compile_s:.1f}s, XLA {js.gflop:.1f} GFLOP/step; loading torch ...", flush=True)
+    print(f"[{name}] compiled in {js.compile_s:.1f}s, model {js.model_gflop:.1f} GFLOP/step, XLA {js.gflop:.1f}; "
+          "loading torch ...", flush=True)
     mem = js.compiled.memory_analysis()
+    peak = flops.peak_flops(jax.devices()[0].device_kind)
+    mfu = lambda seconds: 100 * js.model_gflop * 1e9 / seconds / peak if peak else float("nan")
+    base = {"config": name, "batch": b, "px": px, "remat": cfg.remat, "attention": cfg.attention,
+            "jax compile s": js.compile_s, "model GFLOP/step": js.model_gflop, "XLA GFLOP/step": js.gflop,
+            "jax temp GiB": mem.temp_size_in_bytes / 2**30, "jax args GiB": mem.argument_size_in_bytes / 2**30}
     if jax_only:
         js()
-        jax_t = [js() for _ in range(steps)]
-        row = {"config": name, "batch": b, "px": px, "jax compile s": js.compile_s,
-               "jax step s": statistics.median(jax_t), "jax img/s": b / statistics.median(jax_t),
-               "XLA GFLOP/step": js.gflop, "jax temp GiB": mem.temp_size_in_bytes / 2**30,
-               "jax args GiB": mem.argument_size_in_bytes / 2**30}
-        return row, {"config": name}
+        jax_s = statistics.median([js() for _ in range(steps)])
+        return {**base, "jax step s": jax_s, "jax img/s": b / jax_s, "jax MFU %": mfu(jax_s),
+                "jax model TFLOP/s": js.model_gflop / jax_s / 1e3}, {"config": name}
     ts = TorchStep(cfg, teacher_dir, pixels, ids, uncond_ids, device)
     assert ts.n_student == js.n_student, (ts.n_student, js.n_student)
     js(), ts()  # warm-up (first run of the executable; torch allocator / oneDNN primitive caches)
@@ -305,22 +324,15 @@ def bench(name: str, cfg, teacher_dir: str, steps: int, device: str = "cpu", jax
         print(f"[{name}] round {i + 1}/{steps}: jax {jax_t[-1]:.3f}s torch {torch_t[-1]:.3f}s", flush=True)
     fl = ts.flops()
     jax_s, torch_s = statistics.median(jax_t), statistics.median(torch_t)
-    row = {"config": name, "batch": b, "px": px, "student M params": js.n_student / 1e6,
-           "jax compile s": js.compile_s, "jax step s": jax_s, "jax steps/s": 1 / jax_s, "jax img/s": b / jax_s,
+    row = {**base, "student M params": js.n_student / 1e6,
+           "jax step s": jax_s, "jax steps/s": 1 / jax_s, "jax img/s": b / jax_s,
            "torch step s": torch_s, "torch img/s": b / torch_s, "torch/jax": torch_s / jax_s,
-           "XLA GFLOP/step": js.gflop, "torch-counted GFLOP/step": fl["step (counted)"],
-           "estimate GFLOP/step": fl["estimate"], "jax GFLOP/s": js.gflop / jax_s,
-           "jax best s": min(jax_t), "torch best s": min(torch_t), "torch/jax (best)": min(torch_t) / min(jax_t)}
-    if mem is not None:
-        row["jax temp GiB"] = mem.temp_size_in_bytes / 2**30
-        row["jax args GiB"] = mem.argument_size_in_bytes / 2**30
+           "torch-counted GFLOP/step": fl["step (counted)"],
+           "estimate GFLOP/step": fl["estimate"], "jax model GFLOP/s": js.model_gflop / jax_s,
+           "jax best s": min(jax_t), "torch best s": min(torch_t), "torch/jax (best)": min(torch_t) / min(jax_t),
+           "jax MFU %": mfu(jax_s), "torch MFU %": mfu(torch_s)}
     if device == "cuda":
-        # MFU from the FLOPs of the same work counted on the PyTorch side (XLA's GPU cost analysis leaves out the
-        # cuDNN convolution custom calls, so its count is far too low there)
-        peak = PEAK_BF16_TFLOPS.get(jax.devices()[0].device_kind, float("nan")) * 1e3
         row["torch peak GiB"] = torch.cuda.max_memory_allocated() / 2**30
-        row["jax MFU %"] = 100 * fl["step (counted)"] / jax_s / peak
-        row["torch MFU %"] = 100 * fl["step (counted)"] / torch_s / peak
     parts = {"config": name, **{k: v for k, v in fl.items()}}
     return row, parts
 
@@ -334,6 +346,9 @@ def main():
     ap.add_argument("--steps-tiny", type=int, default=10, help="timed rounds (one jax + one torch step each)")
     ap.add_argument("--steps-mid", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (default: all cores)")
+    ap.add_argument("--remat", nargs="+", default=[], help="student remat policies, one run each (default: the "
+                    "config's; sd21base: full). PyTorch uses gradient checkpointing for any policy but none")
+    ap.add_argument("--attention", default="auto", help="attention implementation: auto | xla | cudnn | pallas")
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads or os.cpu_count())
     print(f"machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)\n", flush=True)
@@ -344,6 +359,9 @@ def main():
                 runs = [(f"sd21base b{b}",) + sd21base_teacher(tmp, b) for b in args.batch]
             else:
                 runs = [(name,) + (tiny_teacher if name == "tiny" else mid_teacher)(tmp)]
+            policies = args.remat or (["full"] if name == "sd21base" else [None])
+            runs = [(label, with_kernels(cfg, policy, args.attention), teacher)
+                    for label, cfg, teacher in runs for policy in policies]
             for label, cfg, teacher in runs:
                 row, part = bench(label, cfg, teacher, args.steps_tiny if name == "tiny" else args.steps_mid,
                                   args.device, args.jax_only)
@@ -354,19 +372,20 @@ def main():
                     torch.cuda.reset_peak_memory_stats()
     print()
     if args.jax_only:
-        print_table(rows, ["config", "batch", "px", "jax compile s", "jax step s", "jax img/s", "XLA GFLOP/step",
-                           "jax temp GiB", "jax args GiB"])
+        print_table(rows, ["config", "batch", "px", "remat", "attention", "jax compile s", "jax step s", "jax img/s",
+                           "model GFLOP/step", "XLA GFLOP/step", "jax MFU %", "jax temp GiB", "jax args GiB"])
         return
-    print_table(rows, ["config", "batch", "px", "jax compile s", "jax step s", "jax img/s", "torch step s",
-                       "torch img/s", "torch/jax", "XLA GFLOP/step", "torch-counted GFLOP/step"])
+    print_table(rows, ["config", "batch", "px", "remat", "attention", "jax compile s", "jax step s", "jax img/s",
+                       "torch step s", "torch img/s", "torch/jax", "model GFLOP/step", "XLA GFLOP/step",
+                       "torch-counted GFLOP/step", "jax MFU %", "torch MFU %"])
     print()
-    print_table(rows, ["config", "student M params", "jax steps/s", "jax GFLOP/s", "jax best s", "torch best s",
+    print_table(rows, ["config", "student M params", "jax steps/s", "jax model GFLOP/s", "jax best s", "torch best s",
                        "torch/jax (best)", "estimate GFLOP/step"])
     print()
     print_table(parts, ["config", "text", "vae encode", "teacher 2B", "student fwd", "estimate", "step (counted)"])
     if args.device == "cuda":
         print()
-        print_table(rows, ["config", "jax MFU %", "torch MFU %", "jax temp GiB", "jax args GiB", "torch peak GiB"])
+        print_table(rows, ["config", "remat", "jax temp GiB", "jax args GiB", "torch peak GiB"])
     print(f"\npeak RSS {peak_rss_gib():.2f} GiB")
 
 

@@ -102,16 +102,16 @@ def _block(n: int) -> int:
     return next(b for b in (512, 256, 128) if n % b == 0)
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(heads: int, tq: int, tk: int, interpret: bool):
+    """A splash-attention kernel with no mask; made at each call, inside the trace that uses it (its mask tables
+    become arrays of that trace, so it cannot be cached across traces)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     bq, bk = _block(tq), _block(tk)
     sizes = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
     mask = sm.MultiHeadMask([sm.FullMask((tq, tk))] * heads)
-    with jax.ensure_compile_time_eval():   # its mask tables are constants, not tracers of the first trace
-        return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def _splash(q4, k4, v4, interpret: bool):
