@@ -92,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/jaxlcd_xla"),
                    help="jax persistent compilation cache ('' disables)")
     p.add_argument("--out", default="", help="JSON file for the results (rewritten after each compile)")
+    p.add_argument("--flops-only", action="store_true", help="count the model FLOPs of each step; no compile")
     return p.parse_args(argv)
 
 
@@ -192,7 +193,7 @@ def hbm_gib(device_kind: str, topology: str) -> float:
 
 # ------------------------------------------------------------------------------------------- compile
 def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip_batch: int, frozen_mode: str,
-                inputs: str, resolution: int, remat: str, attention: str):
+                inputs: str, resolution: int, remat: str, attention: str, flops_only: bool = False):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from jaxlcd import parallel
@@ -223,6 +224,11 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     batch_sh = jax.tree.map(lambda v: parallel.batch_sharding(mesh, v.ndim), batch)
 
     step = make_train_step(models, cfg.lcd, tx, abar, cfg.reward, cfg.lrm)
+    from jaxlcd.training import flops
+    model_tflop = flops.model_flops(lambda: step, abstract_state, frozen, batch) / n / 1e12
+    print(f"  model FLOPs: {model_tflop:.2f} TFLOP per chip per step", flush=True)
+    if flops_only:
+        return {"per_chip_batch": per_chip_batch, "inputs": inputs, "model_tflop_per_chip": model_tflop}
     jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                      out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=0)
     t0 = time.perf_counter()
@@ -249,7 +255,7 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
         "code_gib": get("generated_code_size_in_bytes"),
         "host_temp_gib": get("host_temp_size_in_bytes"),
         "peak_gib": get("peak_memory_in_bytes") if hasattr(mem, "peak_memory_in_bytes") else float("nan"),
-        "tflop_per_chip": float(cost.get("flops", float("nan"))) / 1e12,
+        "tflop_per_chip": float(cost.get("flops", float("nan"))) / 1e12, "model_tflop_per_chip": model_tflop,
         "bytes_accessed_gib": float(cost.get("bytes accessed", float("nan"))) / GiB,
         "lower_s": t_lower, "compile_s": t_compile,
     }
@@ -259,13 +265,15 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
 
 
 COLUMNS = ["per-chip batch", "inputs", "reward", "frozen", "remat", "attention", "args GiB", "temp GiB", "out GiB",
-           "alias GiB", "total GiB", "fits 16 GiB", "XLA TFLOP/step/chip", "GiB accessed/step/chip", "compile s"]
+           "alias GiB", "total GiB", "fits 16 GiB", "model TFLOP/step/chip", "XLA TFLOP/step/chip",
+           "GiB accessed/step/chip", "compile s"]
 
 
 def table_row(r: dict, hbm: float) -> list:
     return [r["per_chip_batch"], r["inputs"], r.get("reward", "none"), r["frozen"], r["remat"], r["attention"],
             f"{r['args_gib']:.2f}", f"{r['temp_gib']:.2f}", f"{r['output_gib']:.2f}", f"{r['alias_gib']:.2f}",
-            f"{r['total_gib']:.2f}", "yes" if r["total_gib"] <= hbm else "no", f"{r['tflop_per_chip']:.2f}",
+            f"{r['total_gib']:.2f}", "yes" if r["total_gib"] <= hbm else "no", f"{r['model_tflop_per_chip']:.2f}",
+            f"{r['tflop_per_chip']:.2f}",
             f"{r['bytes_accessed_gib']:.0f}", f"{r['compile_s']:.0f}"]
 
 
@@ -311,7 +319,7 @@ def main(argv=None) -> None:
                 try:
                     row = compile_one(models, student_params, frozen, abar, ctx_dim, mesh, per_chip_batch=bpc,
                                       frozen_mode=frozen_mode, inputs=inputs, resolution=resolution, remat=args.remat,
-                                      attention=args.attention)
+                                      attention=args.attention, flops_only=args.flops_only)
                 except Exception as e:  # noqa: BLE001 - report and go on with the next configuration
                     print(f"  FAILED: {type(e).__name__}: {str(e)[:2000]}", flush=True)
                     rows.append({"per_chip_batch": bpc, "inputs": inputs, "frozen": frozen_mode,
@@ -319,11 +327,13 @@ def main(argv=None) -> None:
                     continue
                 rows.append(row)
                 print("  " + json.dumps(row), flush=True)
+                if args.flops_only:
+                    continue
                 print_table([row], hbm)
                 if args.out:
                     with open(args.out, "w") as f:
                         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if "error" not in r and "compile_s" in r]
     print(f"\n{args.topology} ({len(devices)} x {devices[0].device_kind}, {hbm:g} GiB HBM per chip), "
           f"mesh {dict(mesh.shape)}, {'SMALL ' if args.small else ''}{resolution} px, jax {jax.__version__}, "
           f"libtpu {libtpu_version}")
