@@ -14,6 +14,7 @@ from diffusers.models.attention_processor import Attention as TorchAttention, At
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import nchw_to_nhwc, perturb_, rel_err
+from jaxlcd import parallel
 from jaxlcd.models import attention as attn_lib, layers
 from jaxlcd.training import flops
 from jaxlcd.weights import load_component
@@ -43,6 +44,11 @@ def tiny_unet(tmp_path_factory):
     return model, module, params, (x, t, ctx)
 
 
+def one_device():
+    """A one-device mesh in context: the Pallas kernel runs unsharded (the tests' process has 8 CPU devices)."""
+    return jax.set_mesh(parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+
+
 def jax_inputs(inputs):
     x, t, ctx = inputs
     return nchw_to_nhwc(x), t.numpy(), ctx.numpy()
@@ -60,18 +66,29 @@ def test_pallas_splash_matches_xla_forward_and_backward(tq, tk):
         out, vjp = jax.vjp(f, q, k, v)
         return (out, *vjp(ct))
 
-    for a, b in zip(run("pallas"), run("xla")):
+    with one_device():
+        fused = run("pallas")
+    for a, b in zip(fused, run("xla")):
         assert rel_err(a, b) <= 1e-5
 
 
 def test_pallas_kernel_really_runs_and_falls_back_where_it_cannot():
     traced = lambda tq, tk, **kw: str(jax.make_jaxpr(lambda q, k, v: attn_lib.attention(
         q, k, v, heads=2, impl="pallas", **kw))(*qkv((1, tq, 32), (1, tk, 32))))
-    assert "pallas_call" in traced(256, 256)
-    assert "pallas_call" not in traced(256, 77)                  # cross-attention to 77 tokens: XLA
-    assert "pallas_call" not in traced(128, 128, is_causal=True)  # causal text attention: XLA
-    with layers.reference_math():                                 # counting FLOPs: always the XLA math
-        assert "pallas_call" not in traced(256, 256)
+    assert "pallas_call" not in traced(256, 256)                 # 8 devices, no mesh in context: XLA
+    with one_device():
+        assert "pallas_call" in traced(256, 256)
+        assert "pallas_call" not in traced(256, 77)                  # cross-attention to 77 tokens: XLA
+        assert "pallas_call" not in traced(128, 128, is_causal=True)  # causal text attention: XLA
+        with layers.reference_math():                                 # counting FLOPs: always the XLA math
+            assert "pallas_call" not in traced(256, 256)
+    # under a 2-device mesh: per device through shard_map, the same numbers as the XLA path
+    q, k, v = qkv((4, 128, 64), (4, 128, 64))
+    with jax.set_mesh(parallel.make_mesh({"data": 2}, devices=jax.devices()[:2])):
+        f = jax.jit(lambda *a: attn_lib.attention(*a, heads=1, impl="pallas"))
+        assert "shard_map" in str(jax.make_jaxpr(f)(q, k, v))
+        out = f(q, k, v)
+    assert rel_err(out, attn_lib.attention(q, k, v, heads=1, impl="xla")) <= 1e-5
 
 
 def test_unet_with_the_pallas_kernel_matches_diffusers(tiny_unet):
@@ -79,8 +96,9 @@ def test_unet_with_the_pallas_kernel_matches_diffusers(tiny_unet):
     with torch.no_grad():
         ref = nchw_to_nhwc(model(*inputs).sample)
     fused = module.clone(attention_impl="pallas")
-    assert "pallas_call" in str(jax.make_jaxpr(fused.apply)({"params": params}, *jax_inputs(inputs)))
-    out = jax.jit(fused.apply)({"params": params}, *jax_inputs(inputs))
+    with one_device():
+        assert "pallas_call" in str(jax.make_jaxpr(fused.apply)({"params": params}, *jax_inputs(inputs)))
+        out = jax.jit(fused.apply)({"params": params}, *jax_inputs(inputs))
     assert rel_err(out, ref) <= 1e-5
 
 
@@ -95,7 +113,8 @@ def test_half_precision_attention_keeps_diffusers_upcast_attention_numerics(impl
     t = lambda a: ref_attn.head_to_batch_dim(torch.from_numpy(np.asarray(a, np.float32)).to(torch.bfloat16))
     probs = ref_attn.get_attention_scores(t(q), t(k))                  # diffusers' upcast scores -> bf16 probs
     ref = ref_attn.batch_to_head_dim(torch.bmm(probs, t(v))).float().numpy()
-    out = np.asarray(attn_lib.attention(q, k, v, heads=heads, impl=impl), np.float32)
+    with one_device():
+        out = np.asarray(attn_lib.attention(q, k, v, heads=heads, impl=impl), np.float32)
     full_fp32 = np.asarray(attn_lib.attention(*(a.astype(jnp.float32) for a in (q, k, v)), heads=heads), np.float32)
     assert out.dtype == np.float32 and rel_err(out, ref) <= 1e-2     # within bf16 rounding of the reference
     assert rel_err(out, full_fp32) <= 1e-2

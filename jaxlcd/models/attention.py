@@ -9,8 +9,9 @@ Implementations (``--config.attention``, the modules' ``attention_impl``):
   float32 parity runs). jax shards it over the batch by itself (custom partitioning).
 - ``pallas``: the Pallas TPU splash-attention kernel for self-attention whose lengths are multiples of 128 (the
   UNet's 4096/1024/256-token maps); the XLA path for cross-attention (77 keys) and short sequences. Under a
-  mesh (``jax.set_mesh``) it runs per device through ``shard_map`` over the batch axes. Off TPU it runs in Pallas
-  interpret mode: slow, for checking numerics only.
+  mesh (``jax.set_mesh``; the training loop sets it) it runs per device through ``shard_map`` over the batch axes;
+  with several devices and no mesh in context it takes the XLA path (a Pallas call cannot be partitioned). Off TPU it
+  runs in Pallas interpret mode: slow, for checking numerics only.
 - ``auto`` (default): ``cudnn`` on GPU, ``pallas`` on TPU, ``xla`` elsewhere. The backend is the platform of the
   mesh being traced for (so an AOT compile for a TPU topology on a CPU host picks the TPU kernel), else jax's
   default backend.
@@ -127,6 +128,8 @@ def _splash(q4, k4, v4, interpret: bool):
 def _splash_sharded(q4, k4, v4):
     interpret = traced_platform() != "tpu"
     mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty and jax.device_count() > 1:
+        return None     # no mesh in context: the inputs may be sharded, and a Pallas call cannot be partitioned
     if mesh.empty or mesh.size == 1:
         return _splash(q4, k4, v4, interpret)
     axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
