@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax
 import jax.numpy as jnp
 
 from jaxlcd.models.attention import attention
+from common import print_table
 
 GiB = 2 ** 30
 IMPLS = {"cpu": ["xla"], "gpu": ["xla", "cudnn"], "tpu": ["xla", "pallas"]}
@@ -105,16 +110,8 @@ def main(argv=None) -> None:
         except Exception as e:  # noqa: BLE001 - report and go on with the next implementation
             rows.append({"impl": impl, "error": f"{type(e).__name__}: {str(e)[:500]}"})
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| implementation | bytes accessed GiB | temporaries GiB | XLA GFLOP | model GFLOP | ms | TFLOP/s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['impl']} | failed: {r['error'][:120]} | | | | | |")
-            continue
-        ms = f"{r['ms']:.2f}" if "ms" in r else "-"
-        tf = f"{r['tflops']:.1f}" if "tflops" in r else "-"
-        print(f"| {r['impl']} | {r['bytes_accessed_gib']:.2f} | {r['temp_gib']:.2f} | {r['xla_gflop']:.0f} | "
-              f"{r['model_gflop']:.0f} | {ms} | {tf} |")
+    print()
+    print_table(rows, ["impl", "bytes_accessed_gib", "temp_gib", "xla_gflop", "model_gflop", "ms", "tflops", "error"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

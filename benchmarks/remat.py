@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from jaxlcd.models import unet
 from jaxlcd.training import flops
+from common import print_table
 
 GiB = 2 ** 30
 
@@ -110,14 +111,9 @@ def main(argv=None) -> None:
             row["mfu_pct"] = 100 * model / row["step_s"] / peak if peak else float("nan")
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| remat | temporaries GiB | arguments GiB | model TFLOP | traced TFLOP (recompute %) | XLA TFLOP | step s "
-          "| MFU % |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        step = f"{r['step_s']:.3f}" if "step_s" in r else "-"
-        mfu = f"{r['mfu_pct']:.1f}" if "mfu_pct" in r else "-"
-        print(f"| {r['remat']} | {r['temp_gib']:.2f} | {r['args_gib']:.2f} | {r['model_tflop']:.3f} | "
-              f"{r['traced_tflop']:.3f} ({r['recompute_pct']:+.0f} %) | {r['xla_tflop']:.3f} | {step} | {mfu} |")
+    print()
+    print_table(rows, ["remat", "temp_gib", "args_gib", "model_tflop", "traced_tflop", "recompute_pct", "xla_tflop",
+                       "step_s", "mfu_pct"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -241,7 +241,8 @@ def build_run(cfg, teacher_dir: str, mesh) -> Run:
     reward = load_reward(r.name, r.path, dtype=dtype, antialias=r.antialias, allow_pickle=r.allow_pickle,
                          attention=cfg.attention) \
         if r.name else None
-    lrm = load_lrm(cfg.lrm.path, dtype=dtype, allow_pickle=r.allow_pickle, attention=cfg.attention) if cfg.lrm.enabled else None
+    lrm = load_lrm(cfg.lrm.path, dtype=dtype, allow_pickle=r.allow_pickle, attention=cfg.attention) \
+        if cfg.lrm.enabled else None
     lrm_tx = make_lrm_optimizer(lrm.params, cfg.lrm.learning_rate, cfg.lrm.weight_decay, tuple(cfg.lrm.freeze)) \
         if lrm is not None and cfg.lrm.update else None
     if lrm_tx is not None and not reward.logit_scale > 0:
