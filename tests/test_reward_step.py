@@ -79,6 +79,9 @@ def test_reward_gradient_matches_finite_difference(folders):
     g = jax.grad(f)(z)
     micro = jax.jit(lambda x: jnp.mean(rm.score(rm.params, decode_images(pipe.vae, pipe.vae_params, x, 1), tokens)))
     assert rel_err(jax.grad(micro)(z), g) <= 1e-5   # micro-batched decode: same gradient up to float32 rounding
+    kept = jax.jit(lambda x: jnp.mean(rm.score(rm.params, decode_images(pipe.vae, pipe.vae_params, x, remat=False),
+                                                tokens)))
+    assert rel_err(jax.grad(kept)(z), g) <= 1e-5    # decoder activations kept instead of recomputed: same gradient
     g_norm = float(jnp.linalg.norm(g))
     assert g_norm > 0
     # directional derivatives along the gradient and two random unit directions vs float32 central differences
