@@ -126,6 +126,7 @@ def _splash(q4, k4, v4, interpret: bool):
 
 
 def _splash_sharded(q4, k4, v4):
+    """Splash attention per device under the mesh in context (over its batch axes); None where it cannot run."""
     interpret = traced_platform() != "tpu"
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty and jax.device_count() > 1:

@@ -71,7 +71,8 @@ def _check_finite(pending: list, first_step: int) -> None:
 
 
 def _mfu_flops(job: Job, cfg, state, batch) -> float:
-    """Model FLOPs of one step when the devices' peak is known (``cfg.peak_tflops`` or the device table), else 0."""
+    """The step's model FLOPs / (devices x one device's peak FLOP/s), so MFU = this x steps/s; 0 when the peak is
+    unknown (neither ``cfg.peak_tflops`` nor the device table: e.g. CPUs)."""
     peak = float(cfg.get("peak_tflops", 0.0) or 0.0) * 1e12 or flops.peak_flops(jax.devices()[0].device_kind)
     if not peak:
         return 0.0
