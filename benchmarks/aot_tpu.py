@@ -9,8 +9,9 @@ Needs libtpu (`pip install "jax[tpu]"`), best in a separate venv so the main one
     nohup python benchmarks/aot_tpu.py --per-chip-batch 2 8 --out /tmp/aot_tpu.json > /tmp/aot_tpu.log 2>&1 &
 
 What it compiles: `jaxlcd.distill.step.make_train_step` with full-size SD 2.1-base models built from their
-configs (student UNet = teacher + time_cond_proj_dim 256, remat on; teacher UNet; SD VAE encoder; OpenCLIP-H
-text encoder), bfloat16 compute, float32 student/EMA/AdamW state, 512 px pixels + token ids as the batch.
+configs (student UNet = teacher + time_cond_proj_dim 256, remat policy `--remat`, default full; teacher UNet; SD VAE
+encoder; OpenCLIP-H text encoder), bfloat16 compute, float32 student/EMA/AdamW state, 512 px pixels + token ids as the
+batch; attention `--attention` (auto = the Pallas splash kernel, the step being lowered under the topology's mesh).
 No weights are read or created: params, state and batch are abstract `ShapeDtypeStruct`s with shardings
 (`jax.eval_shape`), and `jit(...).lower(...).compile()` targets the devices of
 `jax.experimental.topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4")`.
@@ -18,7 +19,8 @@ The mesh is data=1 x fsdp=8 x tensor=1; the state uses `parallel.FSDP_RULES`, fr
 replicated (`--frozen`), the batch is split over ("data", "fsdp").
 
 Reports per chip: `memory_analysis()` (arguments, outputs, temporaries, aliased (donated) bytes, generated code;
-total = arguments + temporaries + outputs - aliased) and `cost_analysis()` FLOPs, plus the compile time.
+total = arguments + temporaries + outputs - aliased), `cost_analysis()` FLOPs and bytes accessed, the model FLOPs
+(`jaxlcd.training.flops.model_flops`; `--flops-only` counts them without compiling), and the compile time.
 One full-size compile takes tens of minutes on a 2-core machine: results go to jax's persistent compilation cache
 (`--cache-dir`) and `--out` (JSON, rewritten after each compile). Never part of the test suite.
 """
