@@ -202,6 +202,7 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     from jaxlcd.distill.state import create_state
     from jaxlcd.training.optimizer import make_optimizer
     from jaxlcd.distill.step import make_train_step
+    from jaxlcd.training import flops
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
     import rglcd  # configs/rglcd.py
@@ -226,7 +227,6 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     batch_sh = jax.tree.map(lambda v: parallel.batch_sharding(mesh, v.ndim), batch)
 
     step = make_train_step(models, cfg.lcd, tx, abar, cfg.reward, cfg.lrm)
-    from jaxlcd.training import flops
     model_tflop = flops.model_flops(lambda: step, abstract_state, frozen, batch) / n / 1e12
     print(f"  model FLOPs: {model_tflop:.2f} TFLOP per chip per step", flush=True)
     if flops_only:

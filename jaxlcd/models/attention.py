@@ -31,9 +31,9 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlcd.errors import InputError
 from jaxlcd.models.layers import in_reference_math
+from jaxlcd.parallel import BATCH_AXES
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
-BATCH_AXES = ("data", "fsdp")       # jaxlcd.parallel's batch axes (kept here to avoid an import cycle)
 _HALF = (jnp.bfloat16, jnp.float16)
 
 
