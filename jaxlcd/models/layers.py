@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from jaxlcd.errors import InputError
+from jaxlcd.models import lora
 
 Dtype = Any
 _REFERENCE_MATH = contextvars.ContextVar("jaxlcd_reference_math", default=False)
@@ -41,10 +42,10 @@ def in_reference_math() -> bool:
 
 def conv(features: int, kernel: int, name: str, *, stride: int = 1, padding: Any = None,
          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32) -> nn.Conv:
-    """A PyTorch-style Conv2d in NHWC: symmetric padding ``kernel // 2`` unless given."""
+    """A PyTorch-style Conv2d in NHWC: symmetric padding ``kernel // 2`` unless given (LoRA-capable, `lora.Conv`)."""
     if padding is None:
         padding = ((kernel // 2, kernel // 2), (kernel // 2, kernel // 2))
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+    return lora.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
                    dtype=dtype, param_dtype=param_dtype, name=name)
 
 
@@ -103,7 +104,7 @@ class ResnetBlock2D(nn.Module):
         h = act(group_norm(self.groups, self.eps, "norm1", **kw)(x))
         h = conv(self.out_channels, 3, "conv1", **kw)(h)
         if temb is not None:
-            h = h + nn.Dense(self.out_channels, name="time_emb_proj", **kw)(act(temb))[:, None, None, :]
+            h = h + lora.Dense(self.out_channels, name="time_emb_proj", **kw)(act(temb))[:, None, None, :]
         h = act(group_norm(self.groups, self.eps, "norm2", **kw)(h))
         h = conv(self.out_channels, 3, "conv2", **kw)(h)
         if x.shape[-1] != self.out_channels:

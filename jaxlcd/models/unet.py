@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxlcd.models import layers
+from jaxlcd.models import layers, lora
 from jaxlcd.models.attention import attention
 from jaxlcd.models.config import ConfigError, ModelConfig, per_block, require
 from jaxlcd.weights.spec import ComponentSpec
@@ -103,11 +103,11 @@ class Attention(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dim = x.shape[-1]
         ctx = x if context is None else context
-        q = nn.Dense(dim, use_bias=self.bias, name="to_q", **kw)(x)
-        k = nn.Dense(dim, use_bias=self.bias, name="to_k", **kw)(ctx)
-        v = nn.Dense(dim, use_bias=self.bias, name="to_v", **kw)(ctx)
+        q = lora.Dense(dim, use_bias=self.bias, name="to_q", **kw)(x)
+        k = lora.Dense(dim, use_bias=self.bias, name="to_k", **kw)(ctx)
+        v = lora.Dense(dim, use_bias=self.bias, name="to_v", **kw)(ctx)
         out = attention(q, k, v, heads=self.heads, impl=self.attention_impl)
-        return nn.Dense(dim, name="to_out_0", **kw)(out)
+        return lora.Dense(dim, name="to_out_0", **kw)(out)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -126,9 +126,9 @@ class BasicTransformerBlock(nn.Module):
         x = x + Attention(name="attn2", **attn)(layers.layer_norm(1e-5, "norm2", **kw)(x), context)
         h = layers.layer_norm(1e-5, "norm3", **kw)(x)
         dim = x.shape[-1]
-        h, gate = jnp.split(nn.Dense(dim * 4 * 2, name="ff.net_0.proj", **kw)(h), 2, axis=-1)  # GEGLU
+        h, gate = jnp.split(lora.Dense(dim * 4 * 2, name="ff.net_0.proj", **kw)(h), 2, axis=-1)  # GEGLU
         h = h * nn.gelu(gate, approximate=False)
-        return x + nn.Dense(dim, name="ff.net_2", **kw)(h)
+        return x + lora.Dense(dim, name="ff.net_2", **kw)(h)
 
 
 class Transformer2D(nn.Module):
@@ -152,7 +152,7 @@ class Transformer2D(nn.Module):
         b, h, w, c = x.shape
         y = layers.group_norm(self.groups, 1e-6, "norm", **kw)(x)
         if self.linear_projection:
-            y = nn.Dense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
+            y = lora.Dense(c, name="proj_in", **kw)(y.reshape(b, h * w, c))
         else:
             y = layers.conv(c, 1, "proj_in", **kw)(y).reshape(b, h * w, c)
         block_cls = layers.maybe_remat(BasicTransformerBlock, self.remat)
@@ -160,7 +160,7 @@ class Transformer2D(nn.Module):
             y = block_cls(self.heads, self.upcast, name=f"transformer_blocks_{i}", attention_impl=self.attention_impl,
                           **kw)(y, context)
         if self.linear_projection:
-            y = nn.Dense(c, name="proj_out", **kw)(y).reshape(b, h, w, c)
+            y = lora.Dense(c, name="proj_out", **kw)(y).reshape(b, h, w, c)
         else:
             y = layers.conv(c, 1, "proj_out", **kw)(y.reshape(b, h, w, c))
         return x + y
@@ -247,9 +247,9 @@ class TimestepEmbedding(nn.Module):
     def __call__(self, temb, cond=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if cond is not None:
-            temb = temb + nn.Dense(temb.shape[-1], use_bias=False, name="cond_proj", **kw)(cond.astype(self.dtype))
-        temb = layers.activation(self.act_fn)(nn.Dense(self.features, name="linear_1", **kw)(temb))
-        return nn.Dense(self.features, name="linear_2", **kw)(temb)
+            temb = temb + lora.Dense(temb.shape[-1], use_bias=False, name="cond_proj", **kw)(cond.astype(self.dtype))
+        temb = layers.activation(self.act_fn)(lora.Dense(self.features, name="linear_1", **kw)(temb))
+        return lora.Dense(self.features, name="linear_2", **kw)(temb)
 
 
 def build(config: dict, dtype=jnp.float32, **kw) -> UNet2DConditionModel:
