@@ -1,11 +1,12 @@
 """Evaluate few-step models (and a teacher) on a prompt set: FID, CLIPScore, HPSv2.1, PickScore, ImageReward, aesthetic.
 
     python -m jaxlcd.eval --model DIR_OR_HUB_ID [--model ...] --prompts FILE --steps 1,2,4 --out DIR
-        [--teacher DIR --teacher-steps 50 --guidance 7.5] [--lcm-guidance 8.5] [--fid-ref DIR_OR_NPZ --inception PATH]
+        [--lora LORA] [--teacher DIR --teacher-steps 50 --guidance 7.5] [--lcm-guidance 8.5] [--fid-ref DIR_OR_NPZ --inception PATH]
         [--reward NAME=PATH ...] [--num-images N] [--seed S] [--batch-size B]
     python -m jaxlcd.eval --workdir DIR [--num-prompts 128] [--steps 1,2,4]     # a demo-world run
 
-``--model``: LCM student pipeline folders (e.g. WORKDIR/export/student). Prompt files: plain text, the HPDv2
+``--model``: LCM student pipeline folders (e.g. WORKDIR/export/student), or base models with ``--lora LORA``
+(an LCM-LoRA, e.g. WORKDIR/export/lora, applied to each --model). Prompt files: plain text, the HPDv2
 benchmark folder, PartiPrompts.tsv, COCO captions json (`jaxlcd.metrics.prompts`). Writes OUT/results.json,
 results.md, grids/side_by_side.png, plots/*.png and the images (a rerun generates only missing ones).
 ``--workdir`` evaluates demo-world runs with the demo's judge metrics (picked by the run's job); other runs are
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher pipeline folder or hub id: adds a DDIM + CFG row")
     p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5, help="the teacher's CFG scale")
-    p.add_argument("--lcm-guidance", type=float, default=8.5, help="the students' guidance embedding w + 1")
+    p.add_argument("--lora", default="", help="a UNet LoRA file or folder (an LCM-LoRA) applied to every --model")
+    p.add_argument("--lcm-guidance", type=float, help="the students' guidance g: an LCM student embeds w = g - 1 "
+                   "(default 8.5); with --lora, CFG when g > 1 (default 1.0: one UNet pass per step)")
     p.add_argument("--fid-ref", help="FID reference: a folder of images or an .npz of mu/sigma")
     p.add_argument("--inception", help="FID Inception weights (safetensors, see jaxlcd.metrics.fid)")
     p.add_argument("--reward", action="append", default=[], metavar="NAME=PATH",
@@ -93,8 +96,11 @@ def _models(args) -> Optional[str]:
             raise InputError(f"--reward {item!r} must be NAME=PATH, e.g. hpsv2.1=/models/hpsv2.1")
         rewards[name] = path
     parallel.maybe_initialize_distributed()
-    rows = generate.make_rows(args.model, _steps(args.steps), args.lcm_guidance, args.teacher, args.teacher_steps,
-                              args.guidance)
+    if args.lora and not args.model:
+        raise InputError("--lora is applied to the --model folders: pass the base model with --model")
+    lcm_guidance = args.lcm_guidance if args.lcm_guidance is not None else (1.0 if args.lora else 8.5)
+    rows = generate.make_rows(args.model, _steps(args.steps), lcm_guidance, args.teacher, args.teacher_steps,
+                              args.guidance, args.lora)
     prompt_list = prompts.load_prompts(args.prompts, args.num_images, args.seed)
     results = evaluate.evaluate(rows, prompt_list, args.out, seed=args.seed, batch_size=args.batch_size,
                                 rewards=rewards, fid_ref=args.fid_ref, inception=args.inception,

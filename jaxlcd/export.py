@@ -72,15 +72,15 @@ def _copy_or_resave(src: str, dst: str, dtype) -> None:
 
 
 def export_student_pipeline(out_dir: str, teacher_dir: str, unet_module, student_params, dtype=np.float32) -> str:
-    """Write a complete diffusers LatentConsistencyModelPipeline folder at ``out_dir``; returns ``out_dir``.
+    """Write a complete diffusers pipeline folder with an LCMScheduler at ``out_dir``; returns ``out_dir``.
 
-    unet/ holds the student (``unet_module`` must have config.time_cond_proj_dim); vae/ and text_encoder/ are
-    the teacher's (copied for float32, re-saved in ``dtype`` otherwise); tokenizer/ is copied; scheduler/ is an
+    unet/ holds the student: with config.time_cond_proj_dim (`add_cond_proj`) the folder is a
+    LatentConsistencyModelPipeline; without (a fused LCM-LoRA, `jaxlcd.models.lora.merge`) a StableDiffusionPipeline
+    whose scheduler is the LCMScheduler (guidance g > 1 is then classifier-free guidance). vae/ and text_encoder/
+    are the teacher's (copied for float32, re-saved in ``dtype`` otherwise); tokenizer/ is copied; scheduler/ is an
     LCMScheduler built from the teacher's scheduler config. dtype: np.float32 or np.float16 stored tensors.
     ``out_dir`` must not exist or be empty.
     """
-    if not unet_module.config.time_cond_proj_dim:
-        raise InputError("the student UNet has no time_cond_proj_dim; build it with jaxlcd.export.add_cond_proj")
     if np.dtype(dtype) not in (np.float32, np.float16):
         raise InputError(f"export dtype must be float32 or float16, got {np.dtype(dtype).name}")
     index = read_model_index(teacher_dir)
@@ -96,8 +96,10 @@ def export_student_pipeline(out_dir: str, teacher_dir: str, unet_module, student
     os.makedirs(os.path.join(out_dir, "scheduler"))
     with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(lcm_scheduler_config(teacher_sched, version), f, indent=2, sort_keys=True)
+    lcm = bool(unet_module.config.time_cond_proj_dim)
     model_index = {
-        "_class_name": "LatentConsistencyModelPipeline", "_diffusers_version": version,
+        "_class_name": "LatentConsistencyModelPipeline" if lcm else "StableDiffusionPipeline",
+        "_diffusers_version": version,
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
@@ -105,42 +107,62 @@ def export_student_pipeline(out_dir: str, teacher_dir: str, unet_module, student
         "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
         "requires_safety_checker": False,
     }
+    if not lcm:
+        model_index.pop("image_encoder")
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
         json.dump(model_index, f, indent=2, sort_keys=True)
     check_pipeline_dir(out_dir)
     return out_dir
 
 
-def export_checkpoint(workdir: str, out_dir: str, step=None, which: str = "student", dtype=np.float32) -> str:
-    """Export checkpoint ``step`` (default: the newest) of a training workdir as a diffusers LCM folder.
+def export_checkpoint(workdir: str, out_dir: str, step=None, which: str = "student", dtype=np.float32,
+                      fuse: bool = False) -> str:
+    """Export checkpoint ``step`` (default: the newest) of a training workdir as a diffusers LCM folder; a LoRA run
+    as ``out_dir/pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights(out_dir)``), or with ``fuse`` as
+    a pipeline folder whose UNet has the adapters merged.
 
     which: "student" (the trained params) or "target" (their EMA).
     """
     import ml_collections
 
     from jaxlcd.distill.state import create_state
+    from jaxlcd.loaders.lora_file import save_lora
+    from jaxlcd.models import lora
     from jaxlcd.training import checkpoint
     from jaxlcd.training.optimizer import make_optimizer
 
     if which not in ("student", "target"):
         raise InputError(f"which must be 'student' or 'target', got {which!r}")
     cfg = ml_collections.ConfigDict(checkpoint.load_config_dict(workdir))
+    lora_cfg = cfg.get("lora") if cfg.get("lora") is not None and cfg.lora.enabled else None
+    if fuse and lora_cfg is None:
+        raise InputError(f"--fuse merges LoRA adapters, but {workdir!r} trained the full student; export without it")
     ckpt = checkpoint.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise PipelineError(f"{workdir!r} holds no checkpoint yet")
     teacher, teacher_params = load_component(os.path.join(cfg.teacher, "unet"))
-    student, student_params = add_cond_proj(teacher, teacher_params, cfg.lcd.w_embedding_dim)
+    if lora_cfg is not None:
+        student, student_params = teacher, lora.init_adapters(teacher_params, tuple(lora_cfg.targets), lora_cfg.rank,
+                                                              jax.random.PRNGKey(0))
+    else:
+        student, student_params = add_cond_proj(teacher, teacher_params, cfg.lcd.w_embedding_dim)
     abstract = jax.eval_shape(lambda: create_state(student_params, make_optimizer(cfg.optim, cfg.total_steps), cfg.seed))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     state, _ = ckpt.restore(step, jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract))
     ckpt.close()
     params = jax.device_get(state.params if which == "student" else state.target_params)
-    if storage.is_remote(out_dir) and storage.exists(storage.join(out_dir, "model_index.json")):
+    marker = "pytorch_lora_weights.safetensors" if lora_cfg is not None and not fuse else "model_index.json"
+    if storage.exists(storage.join(out_dir, marker)):
         raise PipelineError(f"export folder {out_dir!r} exists; choose a new folder")
-    with storage.staged_dir(out_dir, marker="model_index.json") as local_out:
-        export_student_pipeline(local_out, cfg.teacher, student, params, dtype)
+    with storage.staged_dir(out_dir, marker=marker) as local_out:
+        if lora_cfg is not None and not fuse:
+            save_lora(local_out, params, lora_cfg.rank, lora_cfg.alpha, dtype)
+        else:
+            if lora_cfg is not None:
+                params = lora.merge(teacher_params, params, float(lora_cfg.alpha) / lora_cfg.rank)
+            export_student_pipeline(local_out, cfg.teacher, student, params, dtype)
     return out_dir
 
 
@@ -157,9 +179,11 @@ def main(argv=None) -> int:
     ap.add_argument("--which", choices=("student", "target"), default="student",
                     help="the trained student or its EMA target")
     ap.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    ap.add_argument("--fuse", action="store_true", help="LoRA runs: write a pipeline folder whose UNet has the "
+                    "adapters merged (default: the LoRA file pytorch_lora_weights.safetensors)")
     args = ap.parse_args(argv)
     try:
-        out = export_checkpoint(args.workdir, args.out, args.step, args.which, np.dtype(args.dtype))
+        out = export_checkpoint(args.workdir, args.out, args.step, args.which, np.dtype(args.dtype), args.fuse)
     except JaxlcdError as e:
         print(f"jaxlcd.export: error: {e}", file=sys.stderr)
         return 2

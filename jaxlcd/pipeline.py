@@ -4,6 +4,7 @@
     ctx = encode_prompts(pipe, ["a red fox"])                 # [1, 77, D] float32
     z, img = sample_lcm(pipe, ["a red fox"], num_steps=4, guidance=8.5, rng=jax.random.PRNGKey(0))
     z, img = sample_ddim(pipe, ["a red fox"], num_steps=50, guidance=7.5, rng=jax.random.PRNGKey(0))
+    pipe = load_pipeline("sd15", lora="lcm-lora-sdv1-5")      # an LCM-LoRA: sample_lcm(pipe, ..., guidance=1.0)
 
 Samplers are compiled once per (modules, batch, latent shape, step schedule): the modules and the LCM
 timesteps are static jit arguments (flax modules hash by config, so reloading the same folder reuses the
@@ -21,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxlcd.diffusion import samplers, schedule
+from jaxlcd.loaders.lora_file import load_lora
+from jaxlcd.models import lora
 from jaxlcd.tokenizer import load_tokenizer, tokenize
 from jaxlcd.loaders import load_component
 from jaxlcd.errors import InputError
@@ -46,6 +49,7 @@ class Pipeline:
     scheduler_config: dict
     abar: jax.Array           # alphas_cumprod [T] float32
     prediction_type: str      # "epsilon" | "v_prediction" | "sample"
+    unet_lora: Any = None     # LoRA adapters on the UNet (`jaxlcd.models.lora`, scales folded in) or None
 
     @property
     def latent_shape(self) -> tuple:
@@ -57,6 +61,11 @@ class Pipeline:
     def is_lcm(self) -> bool:
         """True when the UNet takes a guidance embedding (config time_cond_proj_dim is set)."""
         return bool(self.unet.config.time_cond_proj_dim)
+
+    @property
+    def unet_variables(self) -> dict:
+        """The UNet's ``apply`` variables: its params, and its LoRA adapters when loaded."""
+        return lora.variables(self.unet_params, self.unet_lora)
 
 
 def check_pipeline_dir(path: str) -> None:
@@ -73,12 +82,13 @@ def check_pipeline_dir(path: str) -> None:
                             f"a Stable Diffusion pipeline needs {', '.join(c + '/' for c in COMPONENTS)}")
 
 
-def load_pipeline(path: str, dtype=jnp.float32) -> Pipeline:
+def load_pipeline(path: str, dtype=jnp.float32, lora: Optional[str] = None) -> Pipeline:
     """Load a diffusers StableDiffusionPipeline / LatentConsistencyModelPipeline folder.
 
-    ``dtype`` is the compute dtype of UNet, VAE and text encoder (params stay float32). Raises
-    PipelineError (a ValueError) for a folder that is not a pipeline, WeightsError/ConfigError for a
-    component that does not load.
+    ``dtype`` is the compute dtype of UNet, VAE and text encoder (params stay float32). ``lora``: a UNet LoRA
+    file or folder (diffusers' ``pytorch_lora_weights.safetensors``, e.g. an LCM-LoRA) applied to the UNet, as
+    diffusers' ``pipe.load_lora_weights(lora)``. Raises PipelineError (a ValueError) for a folder that is not a
+    pipeline, WeightsError/ConfigError for a component or LoRA file that does not load.
     """
     check_pipeline_dir(path)
     unet, unet_params = load_component(os.path.join(path, "unet"), dtype=dtype)
@@ -89,8 +99,10 @@ def load_pipeline(path: str, dtype=jnp.float32) -> Pipeline:
     except FileNotFoundError as e:
         raise PipelineError(str(e)) from None
     config = schedule.read_scheduler_config(path)
+    adapters = load_lora(lora, unet_params) if lora else None
     return Pipeline(path, unet, unet_params, vae, vae_params, text, text_params, tok, config,
-                    jnp.asarray(schedule.alphas_cumprod(config), jnp.float32), schedule.prediction_type(config))
+                    jnp.asarray(schedule.alphas_cumprod(config), jnp.float32), schedule.prediction_type(config),
+                    adapters)
 
 
 def _as_list(prompts) -> list:
@@ -129,22 +141,25 @@ def _init_latents(pipe: Pipeline, batch: int, latents, rng):
 
 
 def require_lcm(pipe: Pipeline) -> None:
-    """Raise PipelineError unless the pipeline's UNet is an LCM student (has time_cond_proj_dim)."""
-    if not pipe.is_lcm:
+    """Raise PipelineError unless the pipeline samples in few steps: an LCM student (time_cond_proj_dim), a UNet
+    with LoRA adapters loaded, or a folder whose scheduler is an LCMScheduler (e.g. a fused LCM-LoRA export)."""
+    if not (pipe.is_lcm or pipe.unet_lora is not None or pipe.scheduler_config.get("_class_name") == "LCMScheduler"):
         raise PipelineError(
-            f"the UNet in {pipe.path!r} has no time_cond_proj_dim, so it is not an LCM student and cannot take the "
-            "LCM guidance embedding; use the DDIM sampler (--sampler ddim) for a teacher model, or an LCM-LoRA-merged "
-            "UNet with guidance near 1")
+            f"the UNet in {pipe.path!r} has no time_cond_proj_dim and the folder has no LCMScheduler, so it is not an "
+            "LCM student; use the DDIM sampler (--sampler ddim) for a teacher model, or load an LCM-LoRA (--lora)")
 
 
 def sample_lcm(pipe: Pipeline, prompts: Sequence[str], num_steps: int = 4, guidance: float = 8.5, latents=None,
-               rng=None, noises=None, timesteps: Optional[Sequence[int]] = None):
-    """Multistep LCM sampling (docs/algorithm.md section 5), matching diffusers' LatentConsistencyModelPipeline.
+               rng=None, noises=None, timesteps: Optional[Sequence[int]] = None, negative_prompt: str = ""):
+    """Multistep LCM sampling (docs/algorithm.md section 5), matching diffusers' LatentConsistencyModelPipeline for
+    an LCM student, and StableDiffusionPipeline with an LCMScheduler for a plain UNet (an LCM-LoRA).
 
     prompts: B strings; latents: initial noise [B,h,w,c] NHWC float32 (drawn from ``rng`` when None);
-    timesteps: explicit descending list (else `schedule.lcm_timesteps(num_steps)`); guidance g (w = g - 1 is
-    embedded); noises [S-1,B,h,w,c] for the fresh noise between steps (drawn from ``rng`` when None).
-    rng: a jax PRNGKey (default PRNGKey(0)). Returns (latents [B,h,w,c] float32, images [B,H,W,3] float32 in [0,1]).
+    timesteps: explicit descending list (else `schedule.lcm_timesteps(num_steps)`); guidance g: an LCM student
+    embeds w = g - 1 (one UNet pass per step); a UNet without the embedding uses classifier-free guidance with
+    ``negative_prompt`` when g > 1 and one conditional pass when g <= 1. noises [S-1,B,h,w,c] for the fresh noise
+    between steps (drawn from ``rng`` when None). rng: a jax PRNGKey (default PRNGKey(0)).
+    Returns (latents [B,h,w,c] float32, images [B,H,W,3] float32 in [0,1]).
     """
     require_lcm(pipe)
     prompts = _as_list(prompts)
@@ -158,19 +173,25 @@ def sample_lcm(pipe: Pipeline, prompts: Sequence[str], num_steps: int = 4, guida
     timesteps = tuple(int(t) for t in timesteps)
     if noises is None and len(timesteps) > 1:
         noises = jax.random.normal(k_noise, (len(timesteps) - 1,) + z.shape, jnp.float32)
+    uncond = None if pipe.is_lcm or guidance <= 1 else encode_prompts(pipe, [negative_prompt] * len(prompts))
     return lcm_generate(pipe.unet_params, pipe.vae_params, z, encode_prompts(pipe, prompts), jnp.float32(guidance),
-                    pipe.abar, noises, unet=pipe.unet, vae=pipe.vae, timesteps=timesteps, kind=pipe.prediction_type)
+                        pipe.abar, noises, uncond, pipe.unet_lora, unet=pipe.unet, vae=pipe.vae, timesteps=timesteps,
+                        kind=pipe.prediction_type)
 
 
 @functools.partial(jax.jit, static_argnames=("unet", "vae", "timesteps", "kind"))
-def lcm_generate(unet_params, vae_params, z, ctx, guidance, abar, noises, *, unet, vae, timesteps, kind):
-    """Jitted LCM sampling + decode from text embeddings: z [B,h,w,c], ctx [B,L,D], noises [S-1,B,h,w,c] or None.
+def lcm_generate(unet_params, vae_params, z, ctx, guidance, abar, noises, uncond=None, unet_lora=None, *, unet, vae,
+                 timesteps, kind):
+    """Jitted LCM sampling + decode from text embeddings: z [B,h,w,c], ctx [B,L,D], noises [S-1,B,h,w,c] or None;
+    uncond [B,L,D]: classifier-free guidance with scale ``guidance`` (a UNet without time_cond_proj_dim);
+    unet_lora: LoRA adapters of the UNet (scales folded in) or None.
 
     Returns (latents [B,h,w,c] float32, images [B,H,W,3] float32 in [0,1]).
     """
-    f = lambda x, t, c, w: unet.apply({"params": unet_params}, x, t, c, timestep_cond=w)
+    variables = lora.variables(unet_params, unet_lora)
+    f = lambda x, t, c, w: unet.apply(variables, x, t, c, timestep_cond=w)
     out = samplers.lcm_sample(f, z, ctx, timesteps, abar, kind, guidance, unet.config.time_cond_proj_dim,
-                              noises=noises)
+                              noises=noises, uncond_ctx=uncond)
     return out, _decode(vae, vae_params, out)
 
 
@@ -194,14 +215,14 @@ def sample_ddim(pipe: Pipeline, prompts: Sequence[str], num_steps: int = 50, gui
     ts, prev = ts[start_step:], prev[start_step:]
     ctx = encode_prompts(pipe, prompts)
     uncond = encode_prompts(pipe, [negative_prompt] * len(prompts))
-    return _ddim_run(pipe.unet_params, pipe.vae_params, z, ctx, uncond, jnp.float32(guidance), pipe.abar,
+    return _ddim_run(pipe.unet_variables, pipe.vae_params, z, ctx, uncond, jnp.float32(guidance), pipe.abar,
                      jnp.asarray(ts, jnp.int32), jnp.asarray(prev, jnp.float32), unet=pipe.unet, vae=pipe.vae,
                      kind=pipe.prediction_type)
 
 
 @functools.partial(jax.jit, static_argnames=("unet", "vae", "kind"))
-def _ddim_run(unet_params, vae_params, z, ctx, uncond, guidance, abar, ts, prev, *, unet, vae, kind):
-    f = lambda x, t, c: unet.apply({"params": unet_params}, x, t, c)
+def _ddim_run(unet_variables, vae_params, z, ctx, uncond, guidance, abar, ts, prev, *, unet, vae, kind):
+    f = lambda x, t, c: unet.apply(unet_variables, x, t, c)
     out = samplers.ddim_cfg_sample(f, z, ctx, uncond, ts, prev, abar, kind, guidance)
     return out, _decode(vae, vae_params, out)
 

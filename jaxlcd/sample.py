@@ -2,6 +2,7 @@
 
     python -m jaxlcd.sample --model out/lcm --prompt "a red fox" --sampler lcm --steps 4 --out samples/
     python -m jaxlcd.sample --model sd21base --prompts-file prompts.txt --sampler ddim --out samples/
+    python -m jaxlcd.sample --model sd15 --lora runs/x/export/lora --sampler lcm --steps 4 --guidance 1 --out s/
 
 Writes 000000.png, 000001.png, ... (one per prompt), grid.png, and with --save-array images.npy
 (float32 [N,H,W,3] in [0,1]). A bad input exits with one error line and status 2.
@@ -20,6 +21,7 @@ from jaxlcd.errors import InputError, JaxlcdError
 from jaxlcd.paths import resolve_model_path
 
 DEFAULTS = {"lcm": (4, 8.5), "ddim": (50, 7.5)}  # (steps, guidance) as diffusers' pipelines
+LORA_LCM_GUIDANCE = 1.0   # an LCM-LoRA (no guidance embedding): diffusers' LCM-LoRA docs use g in [1, 2]
 
 
 class UsageError(InputError):
@@ -33,12 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="", help="weights variant, e.g. fp16: *.fp16.safetensors where present")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompts-file", help="text file with one prompt per non-empty line (added after --prompt)")
+    p.add_argument("--lora", help="UNet LoRA file or folder (pytorch_lora_weights.safetensors, e.g. an LCM-LoRA or "
+                   "a jaxlcd LoRA export) applied to --model's UNet, as diffusers' load_lora_weights")
     p.add_argument("--sampler", choices=("lcm", "ddim"), default="lcm",
-                   help="lcm: multistep LCM, needs a UNet with time_cond_proj_dim; ddim: DDIM with CFG")
+                   help="lcm: multistep LCM (an LCM student, a UNet with --lora, or a folder with an LCMScheduler); "
+                        "ddim: DDIM with CFG")
     p.add_argument("--steps", type=int, help="sampling steps (default: lcm 4, ddim 50)")
     p.add_argument("--guidance", type=float,
-                   help="guidance scale g (diffusers convention; LCM embeds w = g - 1) (default: lcm 8.5, ddim 7.5)")
-    p.add_argument("--negative-prompt", default="", help="DDIM only: unconditional prompt (default: empty)")
+                   help="guidance scale g (diffusers convention). An LCM student embeds w = g - 1; a UNet without the "
+                        "embedding (LCM-LoRA) uses CFG when g > 1, one UNet pass per step when g <= 1 "
+                        "(default: lcm 8.5, LCM-LoRA 1.0, ddim 7.5)")
+    p.add_argument("--negative-prompt", default="", help="unconditional prompt of CFG (DDIM, LCM-LoRA with g > 1)")
     p.add_argument("--seed", type=int, default=0, help="seed for initial latents and LCM step noise")
     p.add_argument("--latents", help="initial latents .npy, [N,h,w,C] (NHWC) or [N,C,h,w] (NCHW), C = the UNet's "
                    "in_channels; the layout is decided by which axis equals C, and when both axis 1 and axis 3 do, "
@@ -117,13 +124,16 @@ def _setup(args):
 
     steps, guidance = DEFAULTS[args.sampler]
     args.steps = steps if args.steps is None else args.steps
-    args.guidance = guidance if args.guidance is None else args.guidance
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     prompts = read_prompts(args)
-    pipe = pl.load_pipeline(resolve_model_path(args.model, "--model", args.variant), dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    pipe = pl.load_pipeline(resolve_model_path(args.model, "--model", args.variant),
+                            dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32,
+                            lora=resolve_model_path(args.lora, "--lora") if args.lora else None)
+    if args.guidance is None:
+        args.guidance = LORA_LCM_GUIDANCE if args.sampler == "lcm" and not pipe.is_lcm else guidance
     if args.sampler == "lcm":
         pl.require_lcm(pipe)
         if args.steps > int(pipe.scheduler_config.get("original_inference_steps", 50)):
@@ -159,7 +169,8 @@ def run(args) -> np.ndarray:
             lat = latents[start:start + bs]
             lat = np.concatenate([lat, np.repeat(lat[-1:], bs - real, axis=0)])
         if args.sampler == "lcm":
-            _, images = pl.sample_lcm(pipe, chunk, num_steps=args.steps, guidance=args.guidance, latents=lat, rng=rng)
+            _, images = pl.sample_lcm(pipe, chunk, num_steps=args.steps, guidance=args.guidance, latents=lat, rng=rng,
+                                      negative_prompt=args.negative_prompt)
         else:
             _, images = pl.sample_ddim(pipe, chunk, num_steps=args.steps, guidance=args.guidance,
                                        negative_prompt=args.negative_prompt, latents=lat, rng=rng)

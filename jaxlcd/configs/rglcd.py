@@ -12,6 +12,9 @@ LCD baseline in WORKDIR/baselines/lcd, then the evaluation table in WORKDIR/eval
 sd15, sd21base, sd21 (the reference hyper-parameters of docs/algorithm.md section 2; teacher and data are folders,
 gs:// folders or hub ids you pass). Override any key with --config.key=value.
 
+LCM-LoRA: append ``,lora`` (before or after a guidance suffix): ``sd15,lora``, ``sd21base,lora,hps``, ``tiny,lora``
+train LoRA adapters on the frozen teacher UNet instead of the full student (keys ``lora.*``; README "LoRA").
+
 Reward guidance (docs/algorithm.md sections 3-4): append ``,GUIDANCE`` to the variant, e.g.
     python -m jaxlcd.main --config=configs/rglcd.py:sd21base,hps --workdir=DIR --config.teacher=... \
         --config.data_dir=... --config.reward.path=/path/to/hpsv2.1_open_clip_folder
@@ -24,6 +27,7 @@ is the reference's; the others are our starting points, not tuned values.
 """
 import ml_collections
 from jaxlcd.errors import InputError
+from jaxlcd.models.lora import DIFFUSERS_TARGETS
 
 VARIANTS = ("demo", "demo_lcd", "demo_lrm", "tiny", "sd15", "sd21base", "sd21")
 DEMO_GUIDANCE = {"demo": "clipscore", "demo_lcd": "", "demo_lrm": "clipscore_lrm"}  # the demo variants' built-in guidance
@@ -41,10 +45,17 @@ VALIDATION_PROMPTS = ("a red circle on a blue background", "a photo of an astron
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     """The config of variant ``arg`` ("VARIANT[,GUIDANCE]"). One long function on purpose: every key is set once,
     with its meaning, then each variant changes what it needs."""
-    arg, _, guidance = arg.partition(",")
+    arg, *suffixes = arg.split(",")
+    use_lora = "lora" in suffixes
+    suffixes = [s for s in suffixes if s != "lora"]
     if arg not in VARIANTS:
         raise InputError(f"unknown config variant {arg!r}; known: {', '.join(VARIANTS)}")
+    if len(suffixes) > 1:
+        raise InputError(f"one guidance suffix at most (and optionally lora), got {','.join(suffixes)}")
+    guidance = suffixes[0] if suffixes else ""
     if arg in DEMO_GUIDANCE:
+        if use_lora:
+            raise InputError(f"the demo variants distil the full student; use tiny,lora or sd15,lora, not {arg},lora")
         if guidance:
             raise InputError(f"the demo variants set their own guidance; use demo, demo_lcd or demo_lrm, not {arg},"
                              f"{guidance}")
@@ -118,7 +129,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.lcd.num_ddim_timesteps = 50  # N: the skip-step DDIM grid (k = 1000 / N)
     c.lcd.w_min = 5.0              # guidance w ~ U[w_min, w_max] (LCM convention, g = w + 1)
     c.lcd.w_max = 15.0
-    c.lcd.w_embedding_dim = 256
+    c.lcd.w_embedding_dim = 256      # guidance-scale embedding of the student (0: none, as LCM-LoRA)
     c.lcd.loss = "huber"           # huber (pseudo-Huber) | l2
     c.lcd.huber_c = 1e-3
     c.lcd.ema_decay = 0.95         # target network EMA per step
@@ -134,6 +145,13 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0
     c.optim.grad_clip = 1.0        # global-norm clipping of the summed gradient
     c.optim.frozen = ()            # regexes of student param paths kept fixed, e.g. ("down_blocks_0/",)
+
+    # LCM-LoRA (the ",lora" suffix): the student is the teacher UNet + LoRA adapters; only the adapters train
+    c.lora = ml_collections.ConfigDict()
+    c.lora.enabled = use_lora
+    c.lora.rank = 64                # diffusers' train_lcm_distill_lora_sd_wds.py: rank 64, alpha 64
+    c.lora.alpha = 64.0             # the update is (alpha / rank) * B A x
+    c.lora.targets = DIFFUSERS_TARGETS   # module names as in diffusers, matched like PEFT's target_modules
 
     expr, beta, use_lrm = GUIDANCE[guidance]
     c.reward = ml_collections.ConfigDict()
@@ -209,4 +227,16 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.resolution = 512
     elif arg == "sd21":
         c.resolution = 768        # v-prediction teacher; the prediction type is read from its scheduler
+    if use_lora:
+        # as LCM-LoRA: no guidance embedding (the UNet keeps the teacher's layout, so the adapter fits any fine-tune of
+        # it); no EMA (the target is the student itself, without gradient); diffusers' LoRA learning rate
+        c.lcd.w_embedding_dim = 0
+        c.lcd.ema_decay = 0.0
+        if arg != "tiny":
+            c.optim.learning_rate = 1e-4
+        else:
+            c.lora.rank, c.lora.alpha = 4, 4.0
+        # without a guidance embedding, g > 1 is classifier-free guidance on top of the distilled one; diffusers'
+        # script validates at g = 1 (one UNet pass per step)
+        c.evals.grids.guidance = c.evals.quality.guidance = c.evals.hacking.guidance = 1.0
     return c

@@ -109,7 +109,7 @@ class LCDOutput(NamedTuple):
 
 class LCDTarget(NamedTuple):
     z: jax.Array        # [B,h,w,c] noisy latents at t_start (the student's input)
-    w_emb: jax.Array    # [B,w_dim] guidance-scale embedding
+    w_emb: jax.Array    # [B,w_dim] guidance-scale embedding (None when w_dim is 0)
     x_prev: jax.Array   # [B,h,w,c] teacher CFG DDIM step to t_end
     target: jax.Array   # [B,h,w,c] EMA-target consistency output at t_end (stop-gradient)
 
@@ -122,7 +122,7 @@ def lcd_target(target_net: Callable, teacher: Callable, z0, noise, t_start, t_en
     noise like z0; t_start/t_end [B] int; w [B]; ctx/uncond_ctx [B,L,D]; abar [T] float32.
     """
     z = add_noise(z0, noise, t_start, abar)
-    w_emb = guidance_embedding(w, w_dim)
+    w_emb = guidance_embedding(w, w_dim) if w_dim else None   # LCM-LoRA students take no embedding
     x_prev = teacher_x_prev(teacher, z, t_start, ctx, uncond_ctx, w, abar, t_end, kind)
     target = jax.lax.stop_gradient(student_consistency(target_net, x_prev, t_end, ctx, w_emb, abar, kind))
     return LCDTarget(z, w_emb, x_prev, target)

@@ -16,15 +16,17 @@ from jaxlcd.diffusion.consistency import consistency_fn, guidance_embedding
 
 
 def lcm_sample(unet: Callable, z, ctx, timesteps: Sequence[int], abar, kind: str, guidance: float,
-               w_dim: int, noises: Optional[jax.Array] = None, rng=None):
-    """LCM multistep sampling (docs/algorithm.md section 5); one UNet call per step, no CFG, as one lax.scan.
+               w_dim: int, noises: Optional[jax.Array] = None, rng=None, uncond_ctx=None):
+    """LCM multistep sampling (docs/algorithm.md section 5) as one lax.scan.
 
     unet(z, t [B], ctx, w_emb) -> raw output. z [B,h,w,c] initial noise; ctx [B,L,D]; timesteps: static
-    descending list; abar [T] float32; guidance g (w = g - 1 is embedded); noises [S-1,B,h,w,c] for
-    the fresh noise between steps, or drawn from ``rng``. Returns denoised latents [B,h,w,c] float32.
+    descending list; abar [T] float32; guidance g: with ``w_dim`` w = g - 1 is embedded (LatentConsistencyModel-
+    Pipeline: one UNet call per step); with ``uncond_ctx`` [B,L,D] classifier-free guidance u + g (c - u) on the raw
+    output (StableDiffusionPipeline with an LCMScheduler, i.e. LCM-LoRA at g > 1); noises [S-1,B,h,w,c] for the
+    fresh noise between steps, or drawn from ``rng``. Returns denoised latents [B,h,w,c] float32.
     """
     b = z.shape[0]
-    w_emb = guidance_embedding(jnp.full((b,), guidance - 1.0, jnp.float32), w_dim)
+    w_emb = guidance_embedding(jnp.full((b,), guidance - 1.0, jnp.float32), w_dim) if w_dim else None
     ts = jnp.asarray(timesteps, jnp.int32)
     if noises is None:
         noises = jax.random.normal(rng, (len(timesteps) - 1,) + z.shape, jnp.float32) if len(timesteps) > 1 else None
@@ -36,7 +38,13 @@ def lcm_sample(unet: Callable, z, ctx, timesteps: Sequence[int], abar, kind: str
     def step(z, xs):
         t, a_n, noise = xs
         tb = jnp.full((b,), t, jnp.int32)
-        out = unet(z, tb, ctx, w_emb).astype(jnp.float32)
+        if uncond_ctx is None:
+            out = unet(z, tb, ctx, w_emb).astype(jnp.float32)
+        else:
+            w2 = None if w_emb is None else jnp.concatenate([w_emb, w_emb])
+            both = unet(jnp.concatenate([z, z]), jnp.concatenate([tb, tb]), jnp.concatenate([uncond_ctx, ctx]),
+                        w2).astype(jnp.float32)
+            out = both[:b] + guidance * (both[b:] - both[:b])
         x0, _ = schedule.to_x0_eps(out, z, jnp.sqrt(abar[t]), jnp.sqrt(1.0 - abar[t]), kind)
         return jnp.sqrt(a_n) * consistency_fn(z, x0, tb) + jnp.sqrt(1.0 - a_n) * noise, None
 

@@ -22,13 +22,16 @@ def student_samples(run, params, prompts, n: int, resolution: int, guidance: flo
     ts = tuple(int(t) for t in schedule.lcm_timesteps(n))
     noises = jax.random.normal(jax.random.PRNGKey(n), (n - 1,) + shape) if n > 1 else None
     batch = batch or len(prompts)
+    unet_params, adapters = run.student_variables(params)
+    cfg_guidance = not student.config.time_cond_proj_dim and guidance > 1   # a LoRA student: CFG as diffusers
     out = []
     for start in range(0, len(prompts), batch):
         idx = [min(i, len(prompts) - 1) for i in range(start, start + batch)]
         ctx = encode_prompts(pipe, [prompts[i] for i in idx])
-        _, images = lcm_generate(params, pipe.vae_params, z[np.array(idx)], ctx, np.float32(guidance), run.abar,
-                                 None if noises is None else noises[:, np.array(idx)], unet=student, vae=pipe.vae,
-                                 timesteps=ts, kind=run.models.prediction_type)
+        uncond = encode_prompts(pipe, [""] * len(idx)) if cfg_guidance else None
+        _, images = lcm_generate(unet_params, pipe.vae_params, z[np.array(idx)], ctx, np.float32(guidance), run.abar,
+                                 None if noises is None else noises[:, np.array(idx)], uncond, adapters,
+                                 unet=student, vae=pipe.vae, timesteps=ts, kind=run.models.prediction_type)
         out.append(to_uint8(np.asarray(images))[:len(prompts) - start])
     return np.concatenate(out)
 

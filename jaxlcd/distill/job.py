@@ -23,6 +23,7 @@ from jaxlcd.export import export_student_pipeline
 from jaxlcd.training import checkpoint, evaluators
 from jaxlcd.training import loop as loop_lib
 from jaxlcd.loaders import save_component
+from jaxlcd.loaders.lora_file import save_lora
 
 log = logging.getLogger("jaxlcd")
 
@@ -46,8 +47,10 @@ def exported_step(workdir: str):
         return None
 
 
-def export(run, state, step: int, workdir: str, export_dtype: str) -> None:
-    """Write the student and its EMA target as diffusers pipelines (and the online LRM) to ``workdir/export``,
+def export(run, state, step: int, workdir: str, cfg) -> None:
+    """Write the student and its EMA target as diffusers pipelines (a LoRA student: its adapters as
+    ``export/lora/pytorch_lora_weights.safetensors``, and ``export/lora_target`` with an EMA; and the online LRM) to
+    ``workdir/export``,
     marked with ``step`` (``export/step.json``); an export of the same step is kept, an older one replaced. The
     folder is written next to it and renamed into place, so a killed export leaves the previous one (or none), never
     a partial one (on cloud storage: uploaded with step.json last). Every process gathers the (possibly cross-process
@@ -57,19 +60,25 @@ def export(run, state, step: int, workdir: str, export_dtype: str) -> None:
     params = parallel.to_host({"student": state.params, "target": state.target_params, "lrm": state.lrm_params})
     if jax.process_index() != 0:
         return
-    dtype = np.float16 if export_dtype == "float16" else np.float32
+    dtype = np.float16 if cfg.export_dtype == "float16" else np.float32
     final = storage.join(workdir, "export")
     tmp = tempfile.mkdtemp(prefix=f"jaxlcd-export-{step}-") if storage.is_remote(workdir) \
         else os.path.join(workdir, f"export.tmp-{step}")   # beside the final folder: the rename is atomic
     shutil.rmtree(tmp, ignore_errors=True)
-    for name in ("student", "target"):
-        export_student_pipeline(os.path.join(tmp, name), run.teacher_dir, run.models.student, params[name], dtype)
+    if run.models.lora_scale is None:
+        for name in ("student", "target"):
+            export_student_pipeline(os.path.join(tmp, name), run.teacher_dir, run.models.student, params[name], dtype)
+    else:   # the adapters in diffusers' LoRA format (and their EMA, when the run keeps one)
+        save_lora(os.path.join(tmp, "lora"), params["student"], cfg.lora.rank, cfg.lora.alpha, dtype)
+        if cfg.lcd.ema_decay > 0:
+            save_lora(os.path.join(tmp, "lora_target"), params["target"], cfg.lora.rank, cfg.lora.alpha, dtype)
     if params["lrm"] is not None:
         save_component(run.models.lrm.module, params["lrm"], os.path.join(tmp, "lrm"))
     with open(os.path.join(tmp, "step.json"), "w") as f:
         json.dump({"step": step}, f)
     storage.publish_dir(tmp, final, marker="step.json")   # a stale or partial export is replaced
-    log.info("exported the student and its EMA target at step %d to %s", step, final)
+    log.info("exported the student%s at step %d to %s", " (LoRA)" if run.models.lora_scale is not None else
+             " and its EMA target", step, final)
 
 
 def train(cfg, workdir: str) -> dict:
@@ -112,5 +121,5 @@ def train(cfg, workdir: str) -> dict:
         data_stats=lambda: it.stats.as_dict())
     result = loop_lib.train(job, cfg, workdir)
     if result.step >= cfg.total_steps:
-        export(run, result.state, result.step, workdir, cfg.export_dtype)
+        export(run, result.state, result.step, workdir, cfg)
     return result.metrics

@@ -117,10 +117,14 @@ def hacking_streak(history: list[tuple[float, float]]) -> int:
 
 def _export_best(context, state_params, step: int, score: float) -> None:
     from jaxlcd.export import export_student_pipeline
+    from jaxlcd.loaders.lora_file import save_lora
 
-    run, final = context["run"], storage.join(context["workdir"], "best")
+    run, final, cfg = context["run"], storage.join(context["workdir"], "best"), context["config"]
     tmp = os.path.join(storage.local_dir(context["workdir"]), f"best.tmp-{step}")
-    export_student_pipeline(tmp, run.teacher_dir, run.models.student, state_params)
+    if run.models.lora_scale is None:
+        export_student_pipeline(tmp, run.teacher_dir, run.models.student, state_params)
+    else:   # a LoRA student: its adapters (pytorch_lora_weights.safetensors)
+        save_lora(tmp, state_params, cfg.lora.rank, cfg.lora.alpha)
     with open(os.path.join(tmp, "best.json"), "w") as f:
         json.dump({"step": step, "heldout": score}, f)
     storage.publish_dir(tmp, final, marker="best.json")

@@ -14,7 +14,7 @@ from jaxlcd import data as data_lib
 from jaxlcd.data import encoded, shards
 from jaxlcd import parallel, paths, storage, tiny
 from jaxlcd.export import add_cond_proj
-from jaxlcd.models import attention, layers
+from jaxlcd.models import attention, layers, lora
 from jaxlcd.pipeline import check_pipeline_dir, encode_prompts, load_pipeline
 from jaxlcd.rewards import load_reward, parse_reward_expression
 from jaxlcd.rewards.lrm import load_lrm, make_lrm_optimizer
@@ -42,6 +42,7 @@ def validate_config(cfg, num_devices: int) -> None:
         raise ConfigValueError(f"lcd.num_ddim_timesteps={lcd.num_ddim_timesteps} must divide 1000")
     if not 0.0 <= lcd.ema_decay < 1.0:
         raise ConfigValueError(f"lcd.ema_decay={lcd.ema_decay} must be in [0, 1)")
+    _validate_lora(cfg)
     if cfg.compute_dtype not in DTYPES:
         raise ConfigValueError(f"compute_dtype={cfg.compute_dtype!r} is unknown; use one of {list(DTYPES)}")
     if cfg.export_dtype not in ("float32", "float16"):
@@ -74,6 +75,22 @@ def validate_config(cfg, num_devices: int) -> None:
     if cfg.teacher:
         check_pipeline_dir(cfg.teacher)
     _validate_guidance(cfg)
+
+
+def _validate_lora(cfg) -> None:
+    lora_cfg, w_dim = cfg.get("lora") or {}, cfg.lcd.w_embedding_dim
+    if not lora_cfg.get("enabled"):
+        if w_dim < 1:
+            raise ConfigValueError(f"lcd.w_embedding_dim={w_dim} must be positive for a full student (0 is for LoRA)")
+        return
+    if w_dim:
+        raise ConfigValueError(f"lcd.w_embedding_dim={w_dim}: a LoRA student takes no guidance embedding (the UNet "
+                               "keeps the teacher's layout, as in LCM-LoRA); set it to 0")
+    if lora_cfg.rank < 1 or lora_cfg.alpha <= 0:
+        raise ConfigValueError(f"lora.rank={lora_cfg.rank} and lora.alpha={lora_cfg.alpha} must be positive")
+    if isinstance(lora_cfg.targets, str) or not lora_cfg.targets:
+        raise ConfigValueError(f"lora.targets={lora_cfg.targets!r} must be a non-empty tuple of module names, "
+                               "e.g. \"('to_q','to_k','to_v','to_out.0')\"")
 
 
 def _validate_guidance(cfg) -> None:
@@ -118,7 +135,8 @@ def resolve_model_ids(cfg) -> None:
 
 
 # what a resumed run may not change: the model the checkpoint holds, the shape of its state, the images it sees
-FIXED_ON_RESUME = ("teacher", "resolution", "lcd.w_embedding_dim", "lrm.enabled", "optim.frozen", "optim.lr_mults")
+FIXED_ON_RESUME = ("teacher", "resolution", "lcd.w_embedding_dim", "lrm.enabled", "optim.frozen", "optim.lr_mults",
+                   "lora.enabled", "lora.rank", "lora.targets")
 
 
 def check_resume(cfg, workdir: str) -> None:
@@ -214,6 +232,19 @@ def resolve_reward_paths(cfg, workdir: str) -> tuple[str, str]:
     return reward, lrm
 
 
+def make_student(cfg, pipe):
+    """(student module, its initial trainable params, LoRA scale or None): the teacher UNet + ``cond_proj``
+    (full distillation), or with ``lora.enabled`` the teacher module itself and new adapters (`jaxlcd.models.lora`)
+    at scale alpha / rank."""
+    if cfg.get("lora") is not None and cfg.lora.enabled:
+        adapters = lora.init_adapters(pipe.unet_params, tuple(cfg.lora.targets), cfg.lora.rank,
+                                      jax.random.PRNGKey(cfg.seed + 1))
+        return pipe.unet, adapters, float(cfg.lora.alpha) / cfg.lora.rank
+    student, params = add_cond_proj(pipe.unet, pipe.unet_params, cfg.lcd.w_embedding_dim,
+                                    jax.random.PRNGKey(cfg.seed + 1), cfg.lcd.zero_init_cond_proj)
+    return student, params, None
+
+
 @dataclasses.dataclass
 class Run:
     """The models, frozen params, initial state and shardings of one training run."""
@@ -228,14 +259,20 @@ class Run:
     tx: Any
     abar: jax.Array
 
+    def student_variables(self, params) -> tuple:
+        """(UNet params, scaled adapters or None) of the student ``params`` for the samplers
+        (`jaxlcd.pipeline.lcm_generate`): a LoRA student is the float32 teacher with its adapters."""
+        scale = self.models.lora_scale
+        return (params, None) if scale is None else (self.pipe.unet_params, lora.scaled(params, scale))
+
 
 def build_run(cfg, teacher_dir: str, mesh) -> Run:
-    """Load the teacher, make the student (teacher + cond_proj) and the sharded initial state."""
+    """Load the teacher, make the student (teacher + cond_proj, or LoRA adapters on the teacher) and the sharded
+    initial state."""
     dtype = DTYPES[cfg.compute_dtype]
     pipe = load_pipeline(teacher_dir)
     kind = pipe.prediction_type
-    student, student_params = add_cond_proj(pipe.unet, pipe.unet_params, cfg.lcd.w_embedding_dim,
-                                            jax.random.PRNGKey(cfg.seed + 1), cfg.lcd.zero_init_cond_proj)
+    student, student_params, lora_scale = make_student(cfg, pipe)
     as_dtype = lambda tree: jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
     r = cfg.reward
     reward = load_reward(r.name, r.path, dtype=dtype, antialias=r.antialias, allow_pickle=r.allow_pickle,
@@ -254,7 +291,8 @@ def build_run(cfg, teacher_dir: str, mesh) -> Run:
                         text=pipe.text_encoder.clone(**kernels), prediction_type=kind,
                         # params travel as frozen / state arguments; the models keep only their functions
                         reward=dataclasses.replace(reward, params=None) if reward is not None else None,
-                        lrm=dataclasses.replace(lrm, params=None) if lrm is not None else None, lrm_tx=lrm_tx)
+                        lrm=dataclasses.replace(lrm, params=None) if lrm is not None else None, lrm_tx=lrm_tx,
+                        lora_scale=lora_scale)
     frozen = {"teacher": as_dtype(pipe.unet_params), "vae": as_dtype(pipe.vae_params),
               "text": as_dtype(pipe.text_params), "uncond_ctx": encode_prompts(pipe, [""])}
     if reward is not None:

@@ -16,7 +16,7 @@ import optax
 from jaxlcd.diffusion import consistency as cm
 from jaxlcd.diffusion import schedule
 from jaxlcd.diffusion.samplers import decode_to_images
-from jaxlcd.models import vae as vae_lib
+from jaxlcd.models import lora, vae as vae_lib
 from jaxlcd.models.layers import in_reference_math
 from jaxlcd.rewards.base import RewardModel
 from jaxlcd.rewards.lrm import LatentReward, pairwise_preference_loss
@@ -27,7 +27,7 @@ from jaxlcd.errors import InputError
 @dataclasses.dataclass(frozen=True)
 class StepModels:
     """The Flax modules the step closes over (hashable; params travel separately)."""
-    student: Any        # UNet2DConditionModel with time_cond_proj_dim (compute dtype)
+    student: Any        # UNet2DConditionModel with time_cond_proj_dim, or the teacher's with LoRA (compute dtype)
     teacher: Any        # UNet2DConditionModel (compute dtype)
     vae: Any            # AutoencoderKL
     text: Any           # CLIPTextModel
@@ -35,6 +35,7 @@ class StepModels:
     reward: Optional[RewardModel] = None   # direct guidance, or the LRM's expert when ``lrm`` is set
     lrm: Optional[LatentReward] = None     # latent proxy RM guiding the student (params in the state)
     lrm_tx: Any = None                     # its optimizer (None: the LRM stays fixed)
+    lora_scale: Optional[float] = None     # LoRA student: the state's params are adapters on frozen["teacher"]
 
 
 def decode_images(vae, vae_params, latents, microbatch: int = 0, remat: bool = True):
@@ -95,12 +96,15 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
     num_train = abar.shape[0]
     remat_reward = m.reward is not None and reward_remat(reward_cfg)
 
-    def unet_fn(module, params):
-        return lambda z, t, c, *w: module.apply({"params": params}, z.astype(module.dtype), t,
-                                                c.astype(module.dtype), *w)
+    def unet_fn(module, variables):
+        return lambda z, t, c, *w: module.apply(variables, z.astype(module.dtype), t, c.astype(module.dtype), *w)
 
     def train_step(state: DistillState, frozen: dict, batch: dict):
         k_latent, k_t, k_noise, k_w = step_keys(state.rng, state.step)
+        if m.lora_scale is None:   # the student's own params (teacher + cond_proj)
+            student = lambda p: unet_fn(m.student, {"params": p})
+        else:                      # LCM-LoRA: the teacher's params, shared, plus the adapters p
+            student = lambda p: unet_fn(m.student, lora.variables(frozen["teacher"], p, m.lora_scale))
 
         # ---- inputs: latents z0 (VAE posterior sample * scaling factor) and text embeddings ----
         if "moments" in batch:
@@ -122,12 +126,12 @@ def make_train_step(models: StepModels, lcd, tx: optax.GradientTransformation, a
         w = jax.random.uniform(k_w, (b,), jnp.float32, lcd.w_min, lcd.w_max)
 
         # ---- teacher CFG step and EMA target (no gradient) ----
-        tgt = cm.lcd_target(unet_fn(m.student, state.target_params), unet_fn(m.teacher, frozen["teacher"]),
+        tgt = cm.lcd_target(student(state.target_params), unet_fn(m.teacher, {"params": frozen["teacher"]}),
                             z0, noise, t_start, t_end, w, ctx, uncond, abar, m.prediction_type, lcd.w_embedding_dim)
 
         # ---- student prediction; CD loss and reward, each differentiated w.r.t. pred ----
         pred, pull_back = jax.vjp(lambda p: cm.student_consistency(
-            unet_fn(m.student, p), tgt.z, t_start, ctx, tgt.w_emb, abar, m.prediction_type), state.params)
+            student(p), tgt.z, t_start, ctx, tgt.w_emb, abar, m.prediction_type), state.params)
         loss_cd, g_cd = jax.value_and_grad(lambda x: cm.cd_distance(x, tgt.target, lcd.loss, lcd.huber_c))(pred)
         metrics = {"loss_cd": loss_cd, "grad_cd_latent_norm": jnp.linalg.norm(g_cd)}
         loss, g_pred = loss_cd, g_cd

@@ -94,9 +94,11 @@ def evaluate(rows: Sequence[Row], prompts: Sequence[Prompt], out_dir: str, *, se
     os.makedirs(out_dir, exist_ok=True)
     texts, pipe, loaded = [p.text for p in prompts], None, None
     for row in rows:
-        if loaded != row.path:   # a model's step counts share one loaded pipeline
+        if loaded != (row.path, row.lora):   # a model's step counts share one loaded pipeline
             key = "--teacher" if row.sampler == "ddim" else "--model"
-            pipe, loaded = load_pipeline(paths.resolve_model_path(row.path, key)), row.path
+            pipe = load_pipeline(paths.resolve_model_path(row.path, key),
+                                 lora=paths.resolve_model_path(row.lora, "--lora") if row.lora else None)
+            loaded = (row.path, row.lora)
         generate_row(pipe, row, texts, out_dir, seed, batch_size, jax.process_index(), jax.process_count())
     del pipe
     parallel.barrier("eval-generated")
@@ -115,7 +117,8 @@ def evaluate(rows: Sequence[Row], prompts: Sequence[Prompt], out_dir: str, *, se
                 scores[name].append(scorer(images, texts[start:start + chunk]))
             if fid_ref is not None:
                 features.append(fid_lib.inception_features(images, inception, batch_size=fid_batch))
-        entry = {"name": row.name, "model": row.model, "path": row.path, "sampler": row.sampler, "steps": row.steps,
+        entry = {"name": row.name, "model": row.model, "path": row.path, "lora": row.lora, "sampler": row.sampler,
+                 "steps": row.steps,
                  "guidance": row.guidance, "images_per_s": row_speed(out_dir, row), "metrics": {}, "by_group": {}}
         for name, scorer in scorers.items():
             values = np.concatenate(scores[name])

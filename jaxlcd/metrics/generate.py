@@ -21,13 +21,15 @@ from PIL import Image
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One evaluated configuration: ``sampler`` "lcm" (model = an LCM student folder) or "ddim" (a teacher)."""
+    """One evaluated configuration: ``sampler`` "lcm" (model = an LCM student folder, or a base with ``lora``) or
+    "ddim" (a teacher)."""
     name: str
     path: str
     sampler: str
     steps: int
     guidance: float
     model: str = ""   # the model's display name (rows of one model share it)
+    lora: str = ""    # a UNet LoRA file or folder applied to the model (an LCM-LoRA)
 
     @property
     def slug(self) -> str:
@@ -35,14 +37,17 @@ class Row:
 
 
 def make_rows(models: Sequence[str], steps: Sequence[int], lcm_guidance: float, teacher: Optional[str] = None,
-              teacher_steps: int = 50, guidance: float = 7.5) -> list[Row]:
-    """The teacher row (if any) first, then one row per model and step count; names are unique."""
+              teacher_steps: int = 50, guidance: float = 7.5, lora: str = "") -> list[Row]:
+    """The teacher row (if any) first, then one row per model and step count (each model with ``lora`` applied,
+    when given); names are unique."""
     rows = [Row(f"teacher ddim{teacher_steps}", teacher, "ddim", teacher_steps, guidance, "teacher")] if teacher else []
     names = [os.path.basename(os.path.normpath(m)) or m for m in models]
+    suffix = f"+{os.path.basename(os.path.normpath(lora))}" if lora else ""
     for i, (model, name) in enumerate(zip(models, names)):
         if names.count(name) > 1:
             name = f"{name}#{i}"
-        rows += [Row(f"{name} lcm{s}", model, "lcm", s, lcm_guidance, name) for s in steps]
+        name += suffix
+        rows += [Row(f"{name} lcm{s}", model, "lcm", s, lcm_guidance, name, lora) for s in steps]
     return rows
 
 
