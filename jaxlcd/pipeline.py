@@ -162,6 +162,9 @@ def sample_lcm(pipe: Pipeline, prompts: Sequence[str], num_steps: int = 4, guida
     Returns (latents [B,h,w,c] float32, images [B,H,W,3] float32 in [0,1]).
     """
     require_lcm(pipe)
+    if pipe.scheduler_config.get("clip_sample") or pipe.scheduler_config.get("thresholding"):
+        raise PipelineError(f"the scheduler config of {pipe.path!r} asks for clip_sample/thresholding, which jaxlcd's "
+                            "LCM sampler does not do (an LCMScheduler built from it would); set them to false")
     prompts = _as_list(prompts)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     k_lat, k_noise = jax.random.split(rng)

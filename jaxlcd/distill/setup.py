@@ -88,7 +88,7 @@ def _validate_lora(cfg) -> None:
                                "keeps the teacher's layout, as in LCM-LoRA); set it to 0")
     if lora_cfg.rank < 1 or lora_cfg.alpha <= 0:
         raise ConfigValueError(f"lora.rank={lora_cfg.rank} and lora.alpha={lora_cfg.alpha} must be positive")
-    if isinstance(lora_cfg.targets, str) or not lora_cfg.targets:
+    if not lora_cfg.targets:
         raise ConfigValueError(f"lora.targets={lora_cfg.targets!r} must be a non-empty tuple of module names, "
                                "e.g. \"('to_q','to_k','to_v','to_out.0')\"")
 
