@@ -49,6 +49,7 @@ setup(
             "regex",
             "gcp-storage-emulator>=2024.8,<2027.0",  # a local GCS API for the gs:// workdir test
             "torchmetrics>=1.6,<2",  # the CLIPScore reference (tests/test_scores.py)
+            "peft>=0.17,<0.22",      # LoRA reference: diffusers' load_lora_weights / save_lora_weights (tests/test_lora.py)
         ],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
         "gpu": ["jax[cuda12]>=0.10,<0.13"],

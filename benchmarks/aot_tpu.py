@@ -9,7 +9,8 @@ Needs libtpu (`pip install "jax[tpu]"`), best in a separate venv so the main one
     nohup python benchmarks/aot_tpu.py --per-chip-batch 2 8 --out /tmp/aot_tpu.json > /tmp/aot_tpu.log 2>&1 &
 
 What it compiles: `jaxlcd.distill.step.make_train_step` with full-size SD 2.1-base models built from their
-configs (student UNet = teacher + time_cond_proj_dim 256, remat policy `--remat`, default full; teacher UNet; SD VAE
+configs (student UNet = teacher + time_cond_proj_dim 256, or with `--lora` the teacher + rank-64 LoRA adapters
+(only those in the state), remat policy `--remat`, default full; teacher UNet; SD VAE
 encoder; OpenCLIP-H text encoder), bfloat16 compute, float32 student/EMA/AdamW state, 512 px pixels + token ids as the
 batch; attention `--attention` (auto = the Pallas splash kernel, the step being lowered under the topology's mesh).
 No weights are read or created: params, state and batch are abstract `ShapeDtypeStruct`s with shardings
@@ -87,6 +88,8 @@ def parse_args(argv=None):
                    help="attention implementation (auto = the Pallas splash kernel on TPU)")
     p.add_argument("--reward", default="none", choices=["none", "vit-h14"],
                    help="add the direct reward term with an OpenCLIP ViT-H/14-sized reward model (HPSv2.1's shape)")
+    p.add_argument("--lora", action="store_true", help="the LCM-LoRA step (configs/rglcd.py:sd21base,lora: rank 64 "
+                   "adapters on diffusers' targets; the teacher's params are the student's base)")
     p.add_argument("--topology", default="v5e:2x4", help="get_topology_desc topology_name, e.g. v5e:2x4, v5e:2x2")
     p.add_argument("--fsdp", type=int, default=0, help="fsdp axis size (default: all chips; data = the rest)")
     p.add_argument("--resolution", type=int, default=0, help="image size (default 512, 256 with --small)")
@@ -135,21 +138,26 @@ def abstract_reward(small: bool, dtype):
     return clip_cosine_reward("hpsv2.1", module, params, tokenize=None), params
 
 
-def build_models(small: bool, remat, dtype=jnp.bfloat16, reward: str = "none", attention: str = "auto"):
-    """(StepModels, abstract student params f32, abstract frozen tree in ``dtype``, abar, sizes)."""
+def build_models(small: bool, remat, dtype=jnp.bfloat16, reward: str = "none", attention: str = "auto",
+                 lora_cfg=None):
+    """(StepModels, abstract student params f32, abstract frozen tree in ``dtype``, abar, sizes); with ``lora_cfg``
+    (the config's ``lora`` section) the student is the teacher module + adapters, whose abstract tree is returned."""
     from jaxlcd.diffusion import schedule
-    from jaxlcd.models import clip_text, unet, vae
+    from jaxlcd.models import clip_text, lora, unet, vae
     from jaxlcd.distill.step import StepModels
 
     ucfg, vcfg, tcfg = (SMALL_UNET, SMALL_VAE, SMALL_TEXT) if small else (SD21_BASE_UNET, SD_VAE, SD2_TEXT)
     w_dim = 256
     kw = dict(dtype=dtype, attention_impl=attention)
     teacher = unet.build(ucfg, **kw)
-    student = unet.build(dict(ucfg, time_cond_proj_dim=w_dim), remat=remat, **kw)
+    student = unet.build(dict(ucfg, time_cond_proj_dim=None if lora_cfg else w_dim), remat=remat, **kw)
     vae_m = vae.build(vcfg, **kw)
     text_m = clip_text.build(tcfg, **kw)
-    student_params = abstract_params(unet.SPEC, student)
-    frozen = {"teacher": as_dtype(abstract_params(unet.SPEC, teacher), dtype),
+    teacher_params = abstract_params(unet.SPEC, teacher)
+    student_params = jax.eval_shape(lambda: lora.init_adapters(teacher_params, tuple(lora_cfg.targets), lora_cfg.rank,
+                                                               jax.random.PRNGKey(0))) \
+        if lora_cfg else abstract_params(unet.SPEC, student)
+    frozen = {"teacher": as_dtype(teacher_params, dtype),
               "vae": as_dtype(abstract_params(vae.SPEC, vae_m), dtype),
               "text": as_dtype(abstract_params(clip_text.SPEC, text_m), dtype),
               "uncond_ctx": jax.ShapeDtypeStruct((1, 77, tcfg["hidden_size"]), jnp.float32)}
@@ -161,7 +169,8 @@ def build_models(small: bool, remat, dtype=jnp.bfloat16, reward: str = "none", a
         rm, frozen["reward"] = abstract_reward(small, dtype)
         sizes["reward_M"] = n_params(frozen["reward"]) / 1e6
     models = StepModels(student=student, teacher=teacher, vae=vae_m, text=text_m,
-                        prediction_type=schedule.prediction_type(SD_SCHEDULER), reward=rm)
+                        prediction_type=schedule.prediction_type(SD_SCHEDULER), reward=rm,
+                        lora_scale=float(lora_cfg.alpha) / lora_cfg.rank if lora_cfg else None)
     return models, student_params, frozen, abar, sizes, tcfg["hidden_size"]
 
 
@@ -194,6 +203,14 @@ def hbm_gib(device_kind: str, topology: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------- compile
+def config(reward: bool, lora: bool):
+    """configs/rglcd.py:sd21base[,lora][,hps]."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+    import rglcd  # configs/rglcd.py
+
+    return rglcd.get_config("sd21base" + (",lora" if lora else "") + (",hps" if reward else ""))
+
+
 def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip_batch: int, frozen_mode: str,
                 inputs: str, resolution: int, remat: str, attention: str, flops_only: bool = False):
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -204,10 +221,7 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     from jaxlcd.distill.step import make_train_step
     from jaxlcd.training import flops
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
-    import rglcd  # configs/rglcd.py
-
-    cfg = rglcd.get_config("sd21base,hps" if models.reward is not None else "sd21base")
+    cfg = config(models.reward is not None, models.lora_scale is not None)
     tx = make_optimizer(cfg.optim, cfg.total_steps)
     abstract_state = jax.eval_shape(lambda p: create_state(p, tx, cfg.seed), student_params)
     state_sh = parallel.param_shardings(abstract_state, mesh, parallel.FSDP_RULES)
@@ -251,6 +265,8 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     row = {
         "per_chip_batch": per_chip_batch, "global_batch": b, "frozen": frozen_mode, "inputs": inputs,
         "reward": "none" if models.reward is None else "vit-h14",
+        "student": "full" if models.lora_scale is None else f"lora r{cfg.lora.rank}",
+        "trainable_M": n_params(student_params) / 1e6,
         "remat": remat, "attention": attention, "resolution": resolution,
         "args_gib": get("argument_size_in_bytes"), "output_gib": get("output_size_in_bytes"),
         "temp_gib": get("temp_size_in_bytes"), "alias_gib": get("alias_size_in_bytes"),
@@ -266,13 +282,13 @@ def compile_one(models, student_params, frozen, abar, ctx_dim, mesh, *, per_chip
     return row
 
 
-COLUMNS = ["per-chip batch", "inputs", "reward", "frozen", "remat", "attention", "args GiB", "temp GiB", "out GiB",
+COLUMNS = ["student", "per-chip batch", "inputs", "reward", "frozen", "remat", "attention", "args GiB", "temp GiB", "out GiB",
            "alias GiB", "total GiB", "fits 16 GiB", "model TFLOP/step/chip", "XLA TFLOP/step/chip",
            "GiB accessed/step/chip", "compile s"]
 
 
 def table_row(r: dict, hbm: float) -> list:
-    return [r["per_chip_batch"], r["inputs"], r.get("reward", "none"), r["frozen"], r["remat"], r["attention"],
+    return [r.get("student", "full"), r["per_chip_batch"], r["inputs"], r.get("reward", "none"), r["frozen"], r["remat"], r["attention"],
             f"{r['args_gib']:.2f}", f"{r['temp_gib']:.2f}", f"{r['output_gib']:.2f}", f"{r['alias_gib']:.2f}",
             f"{r['total_gib']:.2f}", "yes" if r["total_gib"] <= hbm else "no", f"{r['model_tflop_per_chip']:.2f}",
             f"{r['tflop_per_chip']:.2f}",
@@ -305,8 +321,9 @@ def main(argv=None) -> None:
             libtpu_version = "?"
     mesh, devices = topology_mesh(args.topology, args.fsdp)
     hbm = hbm_gib(devices[0].device_kind, args.topology)
-    models, student_params, frozen, abar, sizes, ctx_dim = build_models(args.small, args.remat, reward=args.reward,
-                                                                        attention=args.attention)
+    models, student_params, frozen, abar, sizes, ctx_dim = build_models(
+        args.small, args.remat, reward=args.reward, attention=args.attention,
+        lora_cfg=config(False, True).lora if args.lora else None)
     meta = {"topology": args.topology, "device_kind": devices[0].device_kind, "chips": len(devices),
             "mesh": dict(mesh.shape), "hbm_gib_per_chip": hbm, "small": args.small, "resolution": resolution,
             "jax": jax.__version__, "libtpu": libtpu_version, "host": f"{platform.machine()}, {os.cpu_count()} cores",

@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/train_step.py [--configs tiny mid] [--steps-tiny 10] [--steps-mid 3]
                                                  [--torch-threads N] [--remat full dots] [--attention auto]
+                                                 [--modes full lora]
 
 Configs:
   tiny  the tiny random teacher of `jaxlcd.tiny` (configs/rglcd.py:tiny), 64 px, batch 2;
@@ -64,29 +65,32 @@ def get_config(variant: str):
 
 
 # ------------------------------------------------------------------------------------------- teachers
-def tiny_teacher(tmp: str):
+def tiny_teacher(tmp: str, suffix: str = ""):
     from jaxlcd import tiny
 
-    cfg = get_config("tiny")
-    return cfg, tiny.write_teacher_folder(os.path.join(tmp, "tiny_teacher"), seed=cfg.seed)
+    cfg = get_config("tiny" + suffix)
+    path = os.path.join(tmp, "tiny_teacher")
+    return cfg, path if os.path.isdir(path) else tiny.write_teacher_folder(path, seed=cfg.seed)
 
 
-def mid_teacher(tmp: str):
+def mid_teacher(tmp: str, suffix: str = ""):
     """benchmarks/sampling.py's mid pipeline, with a teacher UNet (no time_cond_proj_dim) in place of its student."""
     import diffusers
 
     from ports import MID_UNET
     from sampling import make_pipeline
 
-    path = make_pipeline(os.path.join(tmp, "mid_teacher"))
-    torch.manual_seed(0)
-    diffusers.UNet2DConditionModel(**MID_UNET).save_pretrained(os.path.join(path, "unet"))
-    cfg = get_config("sd15")
+    path = os.path.join(tmp, "mid_teacher")
+    if not os.path.isdir(path):
+        make_pipeline(path)
+        torch.manual_seed(0)
+        diffusers.UNet2DConditionModel(**MID_UNET).save_pretrained(os.path.join(path, "unet"))
+    cfg = get_config("sd15" + suffix)
     cfg.resolution, cfg.per_device_batch, cfg.compute_dtype = 256, 2, "float32"
     return cfg, path
 
 
-def sd21base_teacher(tmp: str, batch: int):
+def sd21base_teacher(tmp: str, batch: int, suffix: str = ""):
     """A full-size SD 2.1-base pipeline folder with random weights (fp32 safetensors, ~5 GB; written once)."""
     import diffusers
     import transformers
@@ -95,7 +99,7 @@ def sd21base_teacher(tmp: str, batch: int):
     from jaxlcd.tokenizer import build_clip_tokenizer_files
 
     path = os.path.join(tmp, "sd21base")
-    cfg = get_config("sd21base")
+    cfg = get_config("sd21base" + suffix)
     cfg.resolution, cfg.per_device_batch, cfg.compute_dtype = 512, batch, "bfloat16"
     if os.path.isfile(os.path.join(path, "model_index.json")):
         return cfg, path
@@ -165,16 +169,28 @@ class TorchStep:
         self.teacher = load(diffusers.UNet2DConditionModel, "unet")
         self.vae = load(diffusers.AutoencoderKL, "vae")
         self.text = load(transformers.CLIPTextModel, "text_encoder")
-        self.student = diffusers.UNet2DConditionModel.from_config(
-            self.teacher.config, time_cond_proj_dim=cfg.lcd.w_embedding_dim)
-        missing, unexpected = self.student.load_state_dict(self.teacher.state_dict(), strict=False)
-        assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
-        self.student.to(self.device, torch.float32).train()
+        self.lora = cfg.lora.enabled
+        if self.lora:   # diffusers' LCM-LoRA scripts: PEFT adapters on the teacher (sdxl script: one UNet, adapters
+            from peft import LoraConfig   # disabled for the teacher pass), float32 adapters, target = the student
+
+            self.student = self.teacher
+            self.student.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                                                target_modules=list(cfg.lora.targets)))
+            self.params = [p for p in self.student.parameters() if p.requires_grad]
+            for p in self.params:
+                p.data = p.data.float()
+            self.target = self.student
+        else:
+            self.student = diffusers.UNet2DConditionModel.from_config(
+                self.teacher.config, time_cond_proj_dim=cfg.lcd.w_embedding_dim)
+            missing, unexpected = self.student.load_state_dict(self.teacher.state_dict(), strict=False)
+            assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
+            self.student.to(self.device, torch.float32).train()
+            self.target = copy.deepcopy(self.student).eval().requires_grad_(False)
+            self.params = [p for p in self.student.parameters()]
+            self.target_params = [p for p in self.target.parameters()]
         if remat_policy(cfg.remat)[0]:
             self.student.enable_gradient_checkpointing()
-        self.target = copy.deepcopy(self.student).eval().requires_grad_(False)
-        self.params = [p for p in self.student.parameters()]
-        self.target_params = [p for p in self.target.parameters()]
         o = cfg.optim
         self.opt = torch.optim.AdamW(self.params, lr=o.learning_rate, betas=(o.b1, o.b2), eps=o.eps,
                                      weight_decay=o.weight_decay)
@@ -202,6 +218,16 @@ class TorchStep:
         s = t.float().view(-1, 1, 1, 1) * 10.0
         return 0.25 / (s ** 2 + 0.25) * z + s / (s ** 2 + 0.25).sqrt() * x0
 
+    def _teacher(self, *args):
+        """The teacher UNet's forward (a LoRA student's UNet with its adapters disabled)."""
+        if not self.lora:
+            return self.teacher(*args)
+        self.teacher.disable_adapters()
+        try:
+            return self.teacher(*args)
+        finally:
+            self.teacher.enable_adapters()
+
     def step(self):
         from diffusers import LatentConsistencyModelPipeline as LCM
 
@@ -217,13 +243,14 @@ class TorchStep:
         t_end = torch.clamp(t_start - k, min=0)
         noise = torch.randn(z0.shape, generator=g, device=dev)
         w = lcd.w_min + (lcd.w_max - lcd.w_min) * torch.rand(b, generator=g, device=dev)
-        w_emb = LCM.get_guidance_scale_embedding(LCM, w.cpu(), embedding_dim=lcd.w_embedding_dim).to(dev)
+        w_emb = LCM.get_guidance_scale_embedding(LCM, w.cpu(), embedding_dim=lcd.w_embedding_dim).to(dev) \
+            if lcd.w_embedding_dim else None
         col = lambda v: v.view(-1, 1, 1, 1)
         a_s, a_e = col(self.abar[t_start]), col(self.abar[t_end])
         z = a_s.sqrt() * z0 + (1 - a_s).sqrt() * noise
         with torch.no_grad():
-            out = self.teacher(torch.cat([z, z]).to(lowp), torch.cat([t_start, t_start]),
-                               torch.cat([ctx, self.uncond.expand(b, -1, -1)])).sample.float()
+            out = self._teacher(torch.cat([z, z]).to(lowp), torch.cat([t_start, t_start]),
+                                torch.cat([ctx, self.uncond.expand(b, -1, -1)])).sample.float()
             x0, eps = self._x0_eps(out, torch.cat([z, z]), torch.cat([a_s, a_s]))
             x0 = x0[:b] + col(w) * (x0[:b] - x0[b:])
             eps = eps[:b] + col(w) * (eps[:b] - eps[b:])
@@ -240,10 +267,11 @@ class TorchStep:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         self.opt.step()
-        with torch.no_grad():
-            mu = lcd.ema_decay
-            torch._foreach_mul_(self.target_params, mu)
-            torch._foreach_add_(self.target_params, self.params, alpha=1.0 - mu)
+        if not self.lora:
+            with torch.no_grad():
+                mu = lcd.ema_decay
+                torch._foreach_mul_(self.target_params, mu)
+                torch._foreach_add_(self.target_params, self.params, alpha=1.0 - mu)
         return loss
 
     def __call__(self) -> float:
@@ -266,13 +294,13 @@ class TorchStep:
         h = self.pixels.shape[2] // 8
         z = torch.randn(b, self.teacher.config.in_channels, h, h, device=dev)
         t = torch.full((b,), 499, device=dev)
-        w_emb = torch.randn(b, self.cfg.lcd.w_embedding_dim, device=dev)
+        w_emb = torch.randn(b, self.cfg.lcd.w_embedding_dim, device=dev) if self.cfg.lcd.w_embedding_dim else None
         with torch.no_grad(), torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             ctx = self.text(self.ids)[0]
             res = {"text": count(lambda: self.text(self.ids)),
                    "vae encode": count(lambda: self.vae.encode(self.pixels)),
-                   "teacher 2B": count(lambda: self.teacher(torch.cat([z, z]).to(self.dtype), torch.cat([t, t]),
-                                                            torch.cat([ctx, ctx]))),
+                   "teacher 2B": count(lambda: self._teacher(torch.cat([z, z]).to(self.dtype), torch.cat([t, t]),
+                                                             torch.cat([ctx, ctx]))),
                    "student fwd": count(lambda: self.target(z, t, ctx, timestep_cond=w_emb))}
         res["step (counted)"] = count(self.step)
         res["estimate"] = (4 * res["student fwd"] + res["teacher 2B"] + res["vae encode"] + res["text"])
@@ -349,16 +377,23 @@ def main():
     ap.add_argument("--remat", nargs="+", default=[], help="student remat policies, one run each (default: the "
                     "config's; sd21base: full). PyTorch uses gradient checkpointing for any policy but none")
     ap.add_argument("--attention", default="auto", help="attention implementation: auto | xla | cudnn | pallas")
+    ap.add_argument("--modes", nargs="+", default=["full"], choices=["full", "lora"],
+                    help="full student and/or LCM-LoRA (the config's ,lora variant; PyTorch: PEFT adapters as in "
+                         "diffusers' LCM-LoRA scripts), one run each")
     args = ap.parse_args()
     torch.set_num_threads(args.torch_threads or os.cpu_count())
     print(f"machine: {machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)\n", flush=True)
     rows, parts = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
+            suffixes = [("", ""), (" lora", ",lora")]
+            suffixes = [x for x, mode in zip(suffixes, ["full", "lora"]) if mode in args.modes]
             if name == "sd21base":
-                runs = [(f"sd21base b{b}",) + sd21base_teacher(tmp, b) for b in args.batch]
+                runs = [(f"sd21base b{b}{label}",) + sd21base_teacher(tmp, b, sfx) for b in args.batch
+                        for label, sfx in suffixes]
             else:
-                runs = [(name,) + (tiny_teacher if name == "tiny" else mid_teacher)(tmp)]
+                runs = [(name + label,) + (tiny_teacher if name == "tiny" else mid_teacher)(tmp, sfx)
+                        for label, sfx in suffixes]
             policies = args.remat or (["full"] if name == "sd21base" else [None])
             runs = [(label, with_kernels(cfg, policy, args.attention), teacher)
                     for label, cfg, teacher in runs for policy in policies]
@@ -380,7 +415,7 @@ def main():
                        "torch-counted GFLOP/step", "jax MFU %", "torch MFU %"])
     print()
     print_table(rows, ["config", "student M params", "jax steps/s", "jax model GFLOP/s", "jax best s", "torch best s",
-                       "torch/jax (best)", "estimate GFLOP/step"])
+                       "torch/jax (best)", "estimate GFLOP/step", "jax temp GiB", "jax args GiB"])
     print()
     print_table(parts, ["config", "text", "vae encode", "teacher 2B", "student fwd", "estimate", "step (counted)"])
     if args.device == "cuda":
