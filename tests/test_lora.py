@@ -147,14 +147,15 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """tiny,lora with the direct reward term (a tiny random CLIP): 4 steps at a learning rate that moves the adapters
-    enough to see in the images; checkpoints at 2 and 4, the LoRA export at 4."""
+    """tiny,lora with the direct reward term (a tiny random CLIP) on the 8 test devices: 4 steps at a learning rate
+    that moves the adapters enough to see in the images; checkpoints at 2 and 4, a 1-step grid and the LoRA export
+    at 4."""
     inputs = make_inputs(tmp_path_factory.mktemp("lora_inputs"))
     cfg = load_config("tiny,lora,rm")
     base = tiny_config(inputs)
     for key in ("teacher", "data_dir", "total_steps", "checkpoint_every", "log_every", "per_device_batch"):
         cfg[key] = base[key]
-    cfg.evals.grids.steps = ()
+    cfg.evals.grids.steps = (1,)   # the grid evaluator samples the LoRA student too
     cfg.optim.learning_rate = 1e-2
     workdir = str(tmp_path_factory.mktemp("lora_run"))
     job.train(cfg, workdir)
@@ -167,6 +168,7 @@ def test_lora_run_trains_only_the_adapters(lora_run):
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["reward"]) for r in records if "loss" in r)
+    assert os.path.isfile(os.path.join(workdir, "samples", "final_lcm1.png"))
     run = setup.build_run(cfg, lora_run["teacher"], parallel.make_mesh(dict(cfg.mesh)))
     trained, _ = checkpoint.Checkpointer(workdir).restore(STEPS, checkpoint.abstract_like(run.state,
                                                                                           run.state_shardings))

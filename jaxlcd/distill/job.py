@@ -50,11 +50,10 @@ def exported_step(workdir: str):
 def export(run, state, step: int, workdir: str, cfg) -> None:
     """Write the student and its EMA target as diffusers pipelines (a LoRA student: its adapters as
     ``export/lora/pytorch_lora_weights.safetensors``, and ``export/lora_target`` with an EMA; and the online LRM) to
-    ``workdir/export``,
-    marked with ``step`` (``export/step.json``); an export of the same step is kept, an older one replaced. The
-    folder is written next to it and renamed into place, so a killed export leaves the previous one (or none), never
-    a partial one (on cloud storage: uploaded with step.json last). Every process gathers the (possibly cross-process
-    sharded) params; process 0 writes."""
+    ``workdir/export``, marked with ``step`` (``export/step.json``); an export of the same step is kept, an older one
+    replaced. The folder is written next to it and renamed into place, so a killed export leaves the previous one (or
+    none), never a partial one (on cloud storage: uploaded with step.json last). Every process gathers the (possibly
+    cross-process sharded) params; process 0 writes."""
     if exported_step(workdir) == step:
         return
     params = parallel.to_host({"student": state.params, "target": state.target_params, "lrm": state.lrm_params})

@@ -32,17 +32,24 @@ DIFFUSERS_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
                      "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
 
+def _adapter(layer: nn.Module, x):
+    """(x, a, b) in the layer's compute dtype when the ``"lora"`` collection has this layer, else None."""
+    if not layer.has_variable(COLLECTION, "a"):
+        return None
+    dt = layer.dtype or x.dtype
+    return x.astype(dt), layer.get_variable(COLLECTION, "a").astype(dt), layer.get_variable(COLLECTION, "b").astype(dt)
+
+
 class Dense(nn.Dense):
-    """``nn.Dense`` plus ``x @ a @ b`` when the ``"lora"`` collection has this layer (computed in ``dtype``)."""
+    """``nn.Dense`` plus ``x @ a @ b`` when the ``"lora"`` collection has this layer."""
 
     @nn.compact
     def __call__(self, x):
-        y = super().__call__(x)
-        if self.has_variable(COLLECTION, "a"):
-            dt = self.dtype or x.dtype
-            a, b = (self.get_variable(COLLECTION, k).astype(dt) for k in ("a", "b"))
-            y = y + (x.astype(dt) @ a) @ b
-        return y
+        y, adapter = super().__call__(x), _adapter(self, x)
+        if adapter is None:
+            return y
+        x, a, b = adapter
+        return y + (x @ a) @ b
 
 
 class Conv(nn.Conv):
@@ -50,15 +57,13 @@ class Conv(nn.Conv):
 
     @nn.compact
     def __call__(self, x):
-        y = super().__call__(x)
-        if self.has_variable(COLLECTION, "a"):
-            dt = self.dtype or x.dtype
-            a, b = (self.get_variable(COLLECTION, k).astype(dt) for k in ("a", "b"))
-            strides = self.strides if isinstance(self.strides, (tuple, list)) else (self.strides or 1,) * 2
-            h = jax.lax.conv_general_dilated(x.astype(dt), a, strides, self.padding,
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            y = y + h @ b
-        return y
+        y, adapter = super().__call__(x), _adapter(self, x)
+        if adapter is None:
+            return y
+        x, a, b = adapter
+        strides = self.strides if isinstance(self.strides, (tuple, list)) else (self.strides or 1,) * 2
+        h = jax.lax.conv_general_dilated(x, a, strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + h @ b
 
 
 def module_name(flax_path: Sequence[str]) -> str:
