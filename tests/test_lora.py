@@ -298,3 +298,23 @@ def test_bad_lora_config_is_one_sentence(lora_run, overrides, message):
         cfg[section][leaf] = value
     with pytest.raises(setup.ConfigValueError, match=message):
         setup.validate_config(cfg, 1)
+
+
+def test_eval_lora_rows_are_the_adapter_samples(lora_run, tmp_path):
+    """jaxlcd.eval --model BASE --lora LORA: one row per step count, g = 1 by default, images equal to
+    load_pipeline(BASE, lora=LORA) sampling from the documented latents (PNG rounding aside)."""
+    from jaxlcd.eval import main as eval_main
+    from jaxlcd.metrics import generate
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS))
+    out = tmp_path / "eval"
+    assert eval_main(["--model", lora_run["teacher"], "--lora", lora_run["lora"], "--steps", "1",
+                      "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out), "--batch-size", "2"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["name"], r["guidance"], r["lora"]) for r in rows] == [("teacher+lora lcm1", 1.0, lora_run["lora"])]
+    pipe = pipeline.load_pipeline(lora_run["teacher"], lora=lora_run["lora"])
+    latents = generate._latents(0, [0, 1], pipe.latent_shape)
+    _, want = pipeline.sample_lcm(pipe, PROMPTS, 1, 1.0, latents=latents)
+    row = generate.Row(rows[0]["name"], rows[0]["path"], "lcm", 1, 1.0, rows[0]["model"], rows[0]["lora"])
+    got = generate.load_images(str(out), row, 2).astype(np.float32) / 255
+    assert np.abs(got - np.asarray(want)).max() <= 1 / 255 + 1e-6
