@@ -81,18 +81,23 @@ def test_a_diffusers_lora_file_loads_with_the_same_outputs(peft_unet):
     assert rel_err(_ours(peft_unet, {"params": peft_unet["params"]}), ref) > 0.1   # the adapters matter here
 
 
-def test_kohya_keys_load_as_diffusers_converts_them(peft_unet, tmp_path):
-    """The hub's LCM-LoRA files use kohya keys (lora_unet_..., lora_down/lora_up, alpha): renamed from the PEFT file,
-    diffusers' own converter is the reference."""
+@pytest.mark.parametrize("form", ["kohya", "diffusers_old"])
+def test_other_key_forms_load_as_diffusers_converts_them(peft_unet, tmp_path, form):
+    """The hub's LCM-LoRA files use kohya keys (lora_unet_..., lora_down/lora_up, alpha), older diffusers files
+    unet.<module>.lora.down/lora.up: renamed from the PEFT file, diffusers' own conversion is the reference."""
     peft = load_file(str(peft_unet["root"] / "lora" / "pytorch_lora_weights.safetensors"))
-    kohya = {}
+    renamed = {}
     for key, value in peft.items():
         name, part = key[len("unet."):].split(".lora_")
-        flat = "lora_unet_" + name.replace(".", "_")
-        kohya[f"{flat}.{'lora_down' if part.startswith('A') else 'lora_up'}.weight"] = value
-        kohya[f"{flat}.alpha"] = np.asarray(ALPHA / 2, np.float32)   # another scale than the PEFT file's
-    path = tmp_path / "kohya.safetensors"
-    save_file(kohya, str(path))
+        down = part.startswith("A")
+        if form == "kohya":
+            flat = "lora_unet_" + name.replace(".", "_")
+            renamed[f"{flat}.{'lora_down' if down else 'lora_up'}.weight"] = value
+            renamed[f"{flat}.alpha"] = np.asarray(ALPHA / 2, np.float32)   # another scale than the PEFT file's
+        else:
+            renamed[f"unet.{name}.lora.{'down' if down else 'up'}.weight"] = value
+    path = tmp_path / f"{form}.safetensors"
+    save_file(renamed, str(path))
     ref = _theirs(_fresh_diffusers_unet(peft_unet, path), peft_unet["inputs"])
     ours = _ours(peft_unet, lora.variables(peft_unet["params"], load_lora(str(path), peft_unet["params"])))
     assert rel_err(ours, ref) <= UNET_TOL
