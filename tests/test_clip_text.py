@@ -204,10 +204,23 @@ def test_missing_directory_and_config(tmp_path):
         load_component(str(tmp_path))
 
 
-def test_with_projection_is_refused_by_name(tmp_path):
-    _make_hf(tmp_path, layers=1, cls=CLIPTextModelWithProjection)
-    with pytest.raises(WeightsError, match="CLIPTextModelWithProjection"):
-        load_component(str(tmp_path))
+def test_with_projection_parity_and_round_trip(tmp_path):
+    """SD-XL's text_encoder_2: last and penultimate hidden states and the projected pooled output (text_embeds) vs
+    transformers; saved back, transformers loads the same model."""
+    hf = _make_hf(tmp_path / "hf", layers=2, cls=CLIPTextModelWithProjection)
+    with torch.no_grad():
+        hf.text_projection.weight.add_(0.1 * torch.randn_like(hf.text_projection.weight))
+    hf.save_pretrained(str(tmp_path / "hf"))
+    module, params = load_component(str(tmp_path / "hf"))
+    assert isinstance(module, clip_text.CLIPTextModelWithProjection)
+    ids = _ids(seed=5)
+    last, embeds, penult = module.apply({"params": params}, jnp.asarray(ids), output_penultimate=True)
+    ref = _hf_out(hf, ids)
+    assert _rel(last, ref.last_hidden_state) <= FP32_RTOL and _rel(penult, ref.hidden_states[-2]) <= FP32_RTOL
+    assert embeds.shape == (3, 16) and _rel(embeds, ref.text_embeds) <= FP32_RTOL
+    save_component(module, params, str(tmp_path / "ours"))
+    again = CLIPTextModelWithProjection.from_pretrained(str(tmp_path / "ours")).eval()
+    assert _rel(_hf_out(again, ids).text_embeds, ref.text_embeds) <= 1e-7
 
 
 def test_config_validation_and_round_trip():

@@ -19,7 +19,8 @@ from jaxlcd.weights import io, tables
 from jaxlcd.weights.spec import ComponentSpec, param_shapes
 from jaxlcd.weights.tables import WeightsError
 
-SPECS: tuple[ComponentSpec, ...] = (unet.SPEC, vae.SPEC, clip_text.SPEC, clip.SPEC, lrm.SPEC)
+SPECS: tuple[ComponentSpec, ...] = (unet.SPEC, vae.SPEC, clip_text.SPEC, clip_text.SPEC_WITH_PROJECTION, clip.SPEC,
+                                    lrm.SPEC)
 
 
 def spec_for_config(config: dict, where: str = "config.json") -> ComponentSpec:

@@ -9,7 +9,8 @@ File keys: transformers 5.x writes them without the ``text_model.`` prefix and w
 ``embeddings.position_ids`` buffer; transformers 4.x wrote ``text_model.*`` and older files also
 carry ``position_ids``. `canonical_key` accepts both forms and drops the buffer; saving writes the
 unprefixed 5.x form (transformers 5 reads both). ``CLIPTextModelWithProjection`` (SD-XL's
-``text_encoder_2``) is not supported: `jaxlcd.weights.load_component` refuses it by class name.
+``text_encoder_2``: the same transformer plus ``text_projection`` of the EOS-pooled state) keeps the ``text_model.``
+prefix in its files, as transformers writes it.
 
 Typical use::
 
@@ -210,17 +211,56 @@ class CLIPTextModel(nn.Module):
         transformers' ``hidden_states[-2]`` (``output_hidden_states=True``), i.e. the input of the last
         encoder layer *without* the final LayerNorm. Clip-skip users apply `final_norm` themselves.
         """
-        if input_ids.ndim != 2:
-            raise InputError(f"CLIPTextModel: input_ids must be [batch, length], got shape {input_ids.shape}")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise InputError(f"CLIPTextModel: sequence length {input_ids.shape[1]} exceeds "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        _check_ids(input_ids, self.config)
         last, states = self.text_model(input_ids)
         return (last, states[-2]) if output_penultimate else last
 
     def final_norm(self, hidden):
         """The model's final_layer_norm: hidden [..., D] -> [..., D] in ``dtype`` (for clip skip)."""
         return self.text_model.final_norm(hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextWithProjectionConfig(CLIPTextConfig):
+    """``CLIPTextModelWithProjection``'s config: CLIPTextConfig, with ``projection_dim`` used."""
+
+    def to_dict(self) -> dict:
+        d = dict(super().to_dict())
+        if d.get("architectures") == ["CLIPTextModel"]:
+            d["architectures"] = ["CLIPTextModelWithProjection"]
+        return d
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """transformers ``CLIPTextModelWithProjection`` (SD-XL's ``text_encoder_2``): `CLIPTextModel` plus
+    ``text_projection`` (Linear hidden -> projection_dim, no bias) of the EOS-pooled last hidden state."""
+    config: CLIPTextWithProjectionConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: Any = False
+    attention_impl: str = "auto"
+
+    def setup(self):
+        self.text_model = CLIPTextTransformer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                              remat=self.remat, attention_impl=self.attention_impl)
+        self.text_projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
+                                        param_dtype=self.param_dtype)
+
+    def __call__(self, input_ids, output_penultimate: bool = False):
+        """input_ids [B, L] int -> (last_hidden_state [B, L, D], text_embeds [B, P]) in ``dtype``; with
+        ``output_penultimate=True`` also transformers' ``hidden_states[-2]`` [B, L, D] (what SD-XL conditions on)."""
+        _check_ids(input_ids, self.config)
+        last, states = self.text_model(input_ids)
+        embeds = self.text_projection(pooled_output(last, input_ids, self.config.eos_token_id))
+        return (last, embeds, states[-2]) if output_penultimate else (last, embeds)
+
+
+def _check_ids(input_ids, config) -> None:
+    if input_ids.ndim != 2:
+        raise InputError(f"CLIP text encoder: input_ids must be [batch, length], got shape {input_ids.shape}")
+    if input_ids.shape[1] > config.max_position_embeddings:
+        raise InputError(f"CLIP text encoder: sequence length {input_ids.shape[1]} exceeds "
+                         f"max_position_embeddings={config.max_position_embeddings}")
 
 
 def pooled_output(hidden, input_ids, eos_token_id: int):
@@ -262,3 +302,18 @@ def dummy_inputs(module: CLIPTextModel) -> tuple:
 
 SPEC = ComponentSpec(class_names=("CLIPTextModel",), weights_stem="model", build=build,
                      dummy_inputs=dummy_inputs, canonical_key=canonical_key, file_key=file_key)
+
+
+def build_with_projection(config: dict, dtype=jnp.float32, **kw) -> CLIPTextModelWithProjection:
+    """A `CLIPTextModelWithProjection` from a config.json dict; ``kw``: param_dtype, remat, attention_impl."""
+    return CLIPTextModelWithProjection(CLIPTextWithProjectionConfig.from_dict(config), dtype=dtype, **kw)
+
+
+def _projection_canonical_key(key: str) -> Optional[str]:
+    """File key -> table key of CLIPTextModelWithProjection (its files keep the ``text_model.`` prefix)."""
+    return key if key.startswith("text_projection.") else canonical_key(key)
+
+
+SPEC_WITH_PROJECTION = ComponentSpec(class_names=("CLIPTextModelWithProjection",), weights_stem="model",
+                                     build=build_with_projection, dummy_inputs=dummy_inputs,
+                                     canonical_key=_projection_canonical_key)
