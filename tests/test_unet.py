@@ -159,3 +159,36 @@ def test_shape_mismatch_names_the_tensor(tmp_path, unet_dirs):
     path = edited_copy(unet_dirs["sd1"][1], tmp_path / "bad", cross_attention_dim=16)
     with pytest.raises(WeightsError, match=r"attn2\.to_k\.weight' has shape \(32, 24\), but the config implies \(32, 16\)"):
         load_component(path)
+
+
+SDXL_LIKE = dict(  # SD-XL's layout: no attention in the first block, per-block transformer depth, text_time embedding
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=32, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
+    use_linear_projection=True, norm_num_groups=16, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=16 + 6 * 8)
+
+
+@pytest.mark.parametrize("w_dim", [None, 16])
+def test_sdxl_text_time_unet_matches_diffusers(tmp_path, w_dim):
+    """addition_embed_type="text_time": added_cond_kwargs {"text_embeds" [B, 16], "time_ids" [B, 6]} (original size,
+    crop top-left, target size), with and without the LCM guidance embedding."""
+    cfg = dict(SDXL_LIKE, time_cond_proj_dim=w_dim)
+    model, path = make_unet_dir(tmp_path, cfg, seed=3)
+    x, t, ctx, cond = torch_inputs(cfg)
+    g = torch.Generator().manual_seed(4)
+    added = {"text_embeds": torch.randn(2, 16, generator=g),
+             "time_ids": torch.tensor([[512.0, 512, 0, 0, 512, 512], [768, 1024, 16, 32, 512, 512]])}
+    with torch.no_grad():
+        ref = model(x, t, ctx, timestep_cond=cond, added_cond_kwargs=added).sample
+    module, params = load_component(path)
+    ours = module.apply({"params": params}, nchw_to_nhwc(x), t.numpy(), ctx.numpy(),
+                        None if cond is None else cond.numpy(), {k: v.numpy() for k, v in added.items()})
+    assert rel_err(ours, nchw_to_nhwc(ref)) <= FP32_TOL
+    other = dict(added, time_ids=added["time_ids"] * 0.5)   # the micro-conditioning reaches the output
+    moved = module.apply({"params": params}, nchw_to_nhwc(x), t.numpy(), ctx.numpy(),
+                         None if cond is None else cond.numpy(), {k: v.numpy() for k, v in other.items()})
+    assert rel_err(moved, ours) > 1e-3
+    with pytest.raises(ValueError, match="needs added_cond_kwargs"):
+        module.apply({"params": params}, nchw_to_nhwc(x), t.numpy(), ctx.numpy(), None if cond is None else
+                     cond.numpy())

@@ -48,6 +48,9 @@ class UNetConfig(ModelConfig):
     upcast_attention: bool = False
     time_embedding_dim: Optional[int] = None
     time_cond_proj_dim: Optional[int] = None
+    addition_embed_type: Optional[str] = None          # None | "text_time" (SD-XL: pooled text + micro-conditioning)
+    addition_time_embed_dim: Optional[int] = None      # text_time: sinusoidal width of each time id
+    projection_class_embeddings_input_dim: Optional[int] = None   # text_time: text_embeds width + ids x that width
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     sample_size: Optional[int] = None
@@ -63,7 +66,12 @@ class UNetConfig(ModelConfig):
         if len(self.up_block_types) != len(self.down_block_types) or len(self.block_out_channels) != len(self.down_block_types):
             raise ConfigError(f"{what}: down_block_types, up_block_types and block_out_channels must have equal length")
         require(d, "mid_block_type", ["UNetMidBlock2DCrossAttn", None], "UNetMidBlock2DCrossAttn", what)
-        for key, default in [("class_embed_type", None), ("addition_embed_type", None), ("encoder_hid_dim_type", None),
+        require(d, "addition_embed_type", [None, "text_time"], None, what)
+        if self.addition_embed_type == "text_time" and not (self.addition_time_embed_dim and
+                                                            self.projection_class_embeddings_input_dim):
+            raise ConfigError(f"{what}: addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                              "projection_class_embeddings_input_dim")
+        for key, default in [("class_embed_type", None), ("encoder_hid_dim_type", None),
                              ("time_embedding_act_fn", None), ("timestep_post_act", None),
                              ("cross_attention_norm", None), ("dual_cross_attention", False),
                              ("only_cross_attention", False), ("resnet_skip_time_act", False)]:
@@ -179,7 +187,7 @@ class UNet2DConditionModel(nn.Module):
     attention_impl: str = "auto"
 
     @nn.compact
-    def __call__(self, x, timesteps, context, timestep_cond=None):
+    def __call__(self, x, timesteps, context, timestep_cond=None, added_cond_kwargs=None):
         cfg = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         n = len(cfg.down_block_types)
@@ -199,8 +207,17 @@ class UNet2DConditionModel(nn.Module):
         # time embedding (+ LCM guidance-scale embedding through cond_proj)
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (x.shape[0],))
         temb = layers.timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
-        temb = TimestepEmbedding(cfg.time_embedding_dim or channels[0] * 4, cfg.act_fn, name="time_embedding",
-                                 **kw)(temb, timestep_cond)
+        temb_dim = cfg.time_embedding_dim or channels[0] * 4
+        temb = TimestepEmbedding(temb_dim, cfg.act_fn, name="time_embedding", **kw)(temb, timestep_cond)
+        if cfg.addition_embed_type == "text_time":   # SD-XL: + embed(concat(text_embeds, sinusoids of the time ids))
+            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+                raise InputError("this UNet (addition_embed_type 'text_time', SD-XL) needs added_cond_kwargs="
+                                 "{'text_embeds': [B, D], 'time_ids': [B, n]}")
+            text_embeds, time_ids = added_cond_kwargs["text_embeds"], jnp.asarray(added_cond_kwargs["time_ids"])
+            ids = layers.timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                            cfg.freq_shift).reshape(text_embeds.shape[0], -1)
+            add = jnp.concatenate([text_embeds.astype(jnp.float32), ids], axis=-1).astype(self.dtype)
+            temb = temb + TimestepEmbedding(temb_dim, cfg.act_fn, name="add_embedding", **kw)(add)
 
         x = x.astype(self.dtype)
         if cfg.center_input_sample:
@@ -263,7 +280,11 @@ def dummy_inputs(module: UNet2DConditionModel):
     s = 2 ** (len(cfg.down_block_types) - 1)
     ctx_dim = per_block(cfg.cross_attention_dim, len(cfg.down_block_types), "cross_attention_dim")[0]
     cond = jnp.zeros((1, cfg.time_cond_proj_dim)) if cfg.time_cond_proj_dim else None
-    return (jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, ctx_dim)), cond)
+    added = None
+    if cfg.addition_embed_type == "text_time":   # param shapes depend only on the total width of the embedding input
+        added = {"text_embeds": jnp.zeros((1, cfg.projection_class_embeddings_input_dim - cfg.addition_time_embed_dim)),
+                 "time_ids": jnp.zeros((1, 1))}
+    return (jnp.zeros((1, s, s, cfg.in_channels)), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 1, ctx_dim)), cond, added)
 
 
 SPEC = ComponentSpec(class_names=("UNet2DConditionModel",), weights_stem="diffusion_pytorch_model", build=build,
