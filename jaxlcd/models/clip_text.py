@@ -231,18 +231,13 @@ class CLIPTextWithProjectionConfig(CLIPTextConfig):
         return d
 
 
-class CLIPTextModelWithProjection(nn.Module):
+class CLIPTextModelWithProjection(CLIPTextModel):
     """transformers ``CLIPTextModelWithProjection`` (SD-XL's ``text_encoder_2``): `CLIPTextModel` plus
     ``text_projection`` (Linear hidden -> projection_dim, no bias) of the EOS-pooled last hidden state."""
     config: CLIPTextWithProjectionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat: Any = False
-    attention_impl: str = "auto"
 
     def setup(self):
-        self.text_model = CLIPTextTransformer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                                              remat=self.remat, attention_impl=self.attention_impl)
+        super().setup()
         self.text_projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
                                         param_dtype=self.param_dtype)
 
