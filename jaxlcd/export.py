@@ -142,12 +142,14 @@ def export_checkpoint(workdir: str, out_dir: str, step=None, which: str = "stude
     if step is None:
         raise PipelineError(f"{workdir!r} holds no checkpoint yet")
     teacher, teacher_params = load_component(os.path.join(cfg.teacher, "unet"))
-    if lora_cfg is not None:
-        student, student_params = teacher, lora.init_adapters(teacher_params, tuple(lora_cfg.targets), lora_cfg.rank,
-                                                              jax.random.PRNGKey(0))
+    if lora_cfg is not None:   # only the adapters' shapes are needed: traced, never computed
+        student = teacher
+        init_params = lambda: lora.init_adapters(teacher_params, tuple(lora_cfg.targets), lora_cfg.rank,
+                                                 jax.random.PRNGKey(0))
     else:
         student, student_params = add_cond_proj(teacher, teacher_params, cfg.lcd.w_embedding_dim)
-    abstract = jax.eval_shape(lambda: create_state(student_params, make_optimizer(cfg.optim, cfg.total_steps), cfg.seed))
+        init_params = lambda: student_params
+    abstract = jax.eval_shape(lambda: create_state(init_params(), make_optimizer(cfg.optim, cfg.total_steps), cfg.seed))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     state, _ = ckpt.restore(step, jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract))

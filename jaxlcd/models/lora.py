@@ -32,12 +32,13 @@ DIFFUSERS_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
                      "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
 
 
-def _adapter(layer: nn.Module, x):
-    """(x, a, b) in the layer's compute dtype when the ``"lora"`` collection has this layer, else None."""
+def _plus_adapter(layer: nn.Module, x, y, update):
+    """``y + update(x, a, b)`` in the layer's compute dtype when the ``"lora"`` collection has this layer, else ``y``."""
     if not layer.has_variable(COLLECTION, "a"):
-        return None
+        return y
     dt = layer.dtype or x.dtype
-    return x.astype(dt), layer.get_variable(COLLECTION, "a").astype(dt), layer.get_variable(COLLECTION, "b").astype(dt)
+    a, b = layer.get_variable(COLLECTION, "a").astype(dt), layer.get_variable(COLLECTION, "b").astype(dt)
+    return y + update(x.astype(dt), a, b)
 
 
 class Dense(nn.Dense):
@@ -45,11 +46,7 @@ class Dense(nn.Dense):
 
     @nn.compact
     def __call__(self, x):
-        y, adapter = super().__call__(x), _adapter(self, x)
-        if adapter is None:
-            return y
-        x, a, b = adapter
-        return y + (x @ a) @ b
+        return _plus_adapter(self, x, super().__call__(x), lambda x, a, b: (x @ a) @ b)
 
 
 class Conv(nn.Conv):
@@ -57,13 +54,10 @@ class Conv(nn.Conv):
 
     @nn.compact
     def __call__(self, x):
-        y, adapter = super().__call__(x), _adapter(self, x)
-        if adapter is None:
-            return y
-        x, a, b = adapter
         strides = self.strides if isinstance(self.strides, (tuple, list)) else (self.strides or 1,) * 2
-        h = jax.lax.conv_general_dilated(x, a, strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + h @ b
+        conv_a = lambda x, a: jax.lax.conv_general_dilated(x, a, strides, self.padding,
+                                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return _plus_adapter(self, x, super().__call__(x), lambda x, a, b: conv_a(x, a) @ b)
 
 
 def module_name(flax_path: Sequence[str]) -> str:
